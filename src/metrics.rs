@@ -1,0 +1,137 @@
+//! Every metric regcache exports, declared in one place and registered on one `Registry`, named
+//! `regcache_<thing>_<unit>`. Labels carry only bounded values (route kinds, configured upstream
+//! names, status codes): never a repository, a digest or anything a client typed.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// API requests answered, by route kind, method and status code.
+    pub http_requests: IntCounterVec,
+    /// Time to answer (headers sent), by route kind.
+    pub http_duration: HistogramVec,
+    /// Requests served from the cache, by kind (`manifest`, `blob`, `tag`).
+    pub cache_hits: IntCounterVec,
+    /// Requests that needed the upstream, by kind.
+    pub cache_misses: IntCounterVec,
+    /// Requests that joined a download another request had started, by kind.
+    pub cache_coalesced: IntCounterVec,
+    /// Tags served from the cache past their TTL because the upstream could not be asked.
+    pub stale_served: IntCounterVec,
+    /// Body bytes sent to clients, by where they came from (`cache`, `upstream`).
+    pub served_bytes: IntCounterVec,
+    /// Upstream requests by upstream and status code (`error` when no response came).
+    pub upstream_requests: IntCounterVec,
+    /// Upstream response time (to headers), by upstream.
+    pub upstream_duration: HistogramVec,
+    /// Upstream failures by upstream and kind (`connect`, `timeout`, `body`, `status`, `token`).
+    pub upstream_errors: IntCounterVec,
+    /// Downloads whose bytes did not match their digest (or size), by upstream.
+    pub digest_mismatches: IntCounterVec,
+    /// Downloads from upstreams in progress.
+    pub fetches_in_flight: IntGauge,
+    /// Bytes and objects in the cache.
+    pub cache_size_bytes: IntGauge,
+    pub cache_objects: IntGauge,
+    /// Build information, value 1.
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static");
+            registry.register(Box::new(c.clone())).expect("each metric is registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+                .expect("metric definitions are static");
+            registry.register(Box::new(h.clone())).expect("each metric is registered once");
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric definitions are static");
+            registry.register(Box::new(g.clone())).expect("each metric is registered once");
+            g
+        };
+        let build_info = IntGaugeVec::new(Opts::new("regcache_build_info", "regcache version, value 1"), &["version"])
+            .expect("metric definitions are static");
+        registry.register(Box::new(build_info.clone())).expect("registered once");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            http_requests: counter(
+                "regcache_http_requests_total",
+                "API requests answered, by route, method and status",
+                &["route", "method", "status"],
+            ),
+            http_duration: histogram(
+                "regcache_http_request_duration_seconds",
+                "Time until response headers were ready, by route",
+                &["route"],
+            ),
+            cache_hits: counter("regcache_cache_hits_total", "Requests served from the cache, by kind", &["kind"]),
+            cache_misses: counter("regcache_cache_misses_total", "Requests that needed the upstream, by kind", &["kind"]),
+            cache_coalesced: counter(
+                "regcache_cache_coalesced_total",
+                "Requests that joined a download already in progress, by kind",
+                &["kind"],
+            ),
+            stale_served: counter(
+                "regcache_cache_stale_served_total",
+                "Tags served past their TTL because the upstream failed, by upstream",
+                &["upstream"],
+            ),
+            served_bytes: counter(
+                "regcache_served_bytes_total",
+                "Body bytes sent to clients, by source (cache, upstream)",
+                &["source"],
+            ),
+            upstream_requests: counter(
+                "regcache_upstream_requests_total",
+                "Requests to upstreams, by upstream and status (error: no response)",
+                &["upstream", "status"],
+            ),
+            upstream_duration: histogram(
+                "regcache_upstream_request_duration_seconds",
+                "Upstream time to response headers, by upstream",
+                &["upstream"],
+            ),
+            upstream_errors: counter(
+                "regcache_upstream_errors_total",
+                "Upstream failures, by upstream and kind (connect, timeout, body, status, token)",
+                &["upstream", "kind"],
+            ),
+            digest_mismatches: counter(
+                "regcache_digest_mismatches_total",
+                "Downloads refused because their bytes did not match the digest or size, by upstream",
+                &["upstream"],
+            ),
+            fetches_in_flight: gauge("regcache_upstream_fetches_in_flight", "Blob downloads from upstreams in progress"),
+            cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
+            cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
+            build_info,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

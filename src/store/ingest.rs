@@ -1,0 +1,129 @@
+//! One download on its way into the store: a temporary file under `ingest/`, hashed as it is
+//! written, committed by rename only after its size and digest match. A second, read-only handle
+//! lets clients read the bytes already written while the download goes on.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Error, Result, Store, rename_into_place};
+use crate::oci::{Digest, DigestHasher};
+
+/// A fresh name in `dir` for a temporary file.
+pub(super) fn temp_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{:032x}.part", rand::random::<u128>()))
+}
+
+/// The writing half lives in `Option`s so `append` can move it to a blocking thread and back.
+pub struct Ingest {
+    store: Store,
+    digest: Digest,
+    path: PathBuf,
+    writer: Option<(File, DigestHasher)>,
+    reader: Arc<File>,
+    written: u64,
+    committed: bool,
+}
+
+impl Ingest {
+    pub(super) fn create(store: Store, digest: Digest) -> Result<Ingest> {
+        let path = temp_path(&store.layout.ingest_dir());
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(Error::io("create", &path))?;
+        let reader = File::open(&path).map_err(Error::io("open", &path))?;
+        let hasher = DigestHasher::new(digest.algorithm());
+        Ok(Ingest {
+            store,
+            digest,
+            path,
+            writer: Some((file, hasher)),
+            reader: Arc::new(reader),
+            written: 0,
+            committed: false,
+        })
+    }
+
+    /// A read-only handle on the file; positional reads of `0..written()` see the downloaded
+    /// bytes, and it stays valid after the commit renames the file.
+    pub fn reader(&self) -> Arc<File> {
+        self.reader.clone()
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Writes and hashes `chunks` on a blocking thread; on return they are readable through
+    /// `reader()`.
+    pub async fn append(&mut self, chunks: Vec<Bytes>) -> Result<u64> {
+        let (mut file, mut hasher) = self.writer.take().ok_or_else(|| Error::Io {
+            op: "write (after an earlier failure)",
+            path: self.path.clone(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        })?;
+        let path = self.path.clone();
+        let (file, hasher, n) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut n = 0u64;
+            for chunk in &chunks {
+                hasher.update(chunk);
+                file.write_all(chunk).map_err(Error::io("write", &path))?;
+                n += chunk.len() as u64;
+            }
+            Ok((file, hasher, n))
+        })
+        .await??;
+        self.writer = Some((file, hasher));
+        self.written += n;
+        Ok(self.written)
+    }
+
+    /// Checks size and digest, syncs, and renames into the store. On any mismatch the file is
+    /// removed and nothing is stored.
+    pub async fn commit(mut self, expected_size: Option<u64>) -> Result<()> {
+        let (file, hasher) = self.writer.take().ok_or_else(|| Error::Io {
+            op: "commit (after an earlier failure)",
+            path: self.path.clone(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        })?;
+        if let Some(expected) = expected_size
+            && expected != self.written
+        {
+            return Err(Error::SizeMismatch {
+                expected,
+                actual: self.written,
+            });
+        }
+        let actual = hasher.finish();
+        if actual != self.digest {
+            return Err(Error::DigestMismatch {
+                expected: self.digest.clone(),
+                actual,
+            });
+        }
+        let tmp = self.path.clone();
+        let dest = self.store.layout.blob(&self.digest);
+        tokio::task::spawn_blocking(move || {
+            file.sync_all().map_err(Error::io("sync", &tmp))?;
+            rename_into_place(&tmp, &dest)
+        })
+        .await??;
+        self.committed = true;
+        self.store.added(self.written);
+        Ok(())
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Unlinking is a single cheap syscall; readers holding `reader()` keep their fd.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! regcache itself, run as users run it: the built binary, `serve --config FILE`, listening on
+//! a port the kernel picks (read back from its JSON log), logging to a file.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::process::{Daemon, command, write};
+use crate::registry::{PASSWORD, Registry, Tls, USER};
+
+pub struct Mirror {
+    /// `127.0.0.1:PORT`, plain HTTP.
+    pub addr: String,
+    daemon: Daemon,
+}
+
+impl Mirror {
+    /// Starts regcache with `cache_dir` as its cache and `registry` as its only (and default)
+    /// upstream, authenticating with the registry's credentials and trusting the test CA.
+    /// `run` names this start's config and log, so a restart keeps the first run's log.
+    pub fn start(
+        dir: &Path,
+        run: &str,
+        cache_dir: &Path,
+        registry: &Registry,
+        tls: &Tls,
+    ) -> Mirror {
+        let config = format!(
+            "listen: \"127.0.0.1:0\"\n\
+             cache:\n  dir: {cache}\n\
+             default_upstream: \"{upstream}\"\n\
+             upstreams:\n\
+             \x20 - name: \"{upstream}\"\n\
+             \x20   url: \"https://{upstream}\"\n\
+             \x20   username: {USER}\n\
+             \x20   password: {PASSWORD}\n\
+             \x20   ca_file: {ca}\n\
+             log:\n  format: json\n  level: info\n",
+            cache = cache_dir.display(),
+            upstream = registry.addr,
+            ca = tls.ca_file.display(),
+        );
+        let config_path = dir.join(format!("regcache-{run}.yaml"));
+        write(&config_path, config);
+        let mut daemon = Daemon::spawn(
+            &format!("regcache ({run})"),
+            command(&binary())
+                .arg("serve")
+                .arg("--config")
+                .arg(&config_path),
+            &dir.join(format!("regcache-{run}.log")),
+        );
+        let addr = daemon.wait_for_log("`listening`", listening_addr);
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "regcache listens on {addr}, not loopback"
+        );
+        Mirror { addr, daemon }
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(&self.addr, "/metrics");
+        assert_eq!(status, 200, "GET /metrics answered {status}: {body}");
+        body
+    }
+
+    pub fn stop(&mut self) {
+        self.daemon.stop();
+    }
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(std::env::var("DEV_STANDIN").unwrap_or(env!("CARGO_BIN_EXE_regcache").into())) // DEV ONLY
+}
+
+/// `fields.addr` of the line whose `fields.message` is `listening` (tracing-subscriber's JSON).
+fn listening_addr(line: &str) -> Option<String> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    let fields = event.get("fields")?;
+    if fields.get("message")? != "listening" {
+        return None;
+    }
+    Some(fields.get("addr")?.as_str()?.to_owned())
+}
+
+/// A bare HTTP/1.0 GET: a 1.0 request gets a plain, unchunked body ended by the connection
+/// closing, which is all this needs to read.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("cannot connect to regcache at {addr}: {e}"));
+    let timeout = Some(Duration::from_secs(10));
+    stream
+        .set_read_timeout(timeout)
+        .expect("setting a read timeout");
+    stream
+        .set_write_timeout(timeout)
+        .expect("setting a write timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending a request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .unwrap_or_else(|e| panic!("reading GET {path} from regcache: {e}"));
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("GET {path}: not an HTTP response: {response:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: bad status line in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The sum over all label sets of the samples of `metric` (0 if it has none yet).
+pub fn metric_sum(metrics: &str, metric: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            (name == metric)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}

@@ -1,0 +1,123 @@
+//! skopeo, the containers/image client (the same code as podman and CRI-O), isolated from the
+//! machine's /etc/containers: its own trust policy and an empty registries.conf, so no mirror
+//! or search registry configured on the host can change where it goes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::mirror::Mirror;
+use crate::process::{COMMAND_TIMEOUT, command, require_tool, run, write};
+use crate::registry::{PASSWORD, Registry, Tls, USER};
+
+pub struct Skopeo {
+    bin: PathBuf,
+    policy: PathBuf,
+    registries_conf: PathBuf,
+    tmp: PathBuf,
+}
+
+/// Where an image is read from: the registry itself (TLS with the test CA, credentials) or the
+/// mirror (plain HTTP on loopback, no credentials: the mirror authenticates upstream itself).
+pub enum Source<'a> {
+    Registry(&'a Registry, &'a Tls),
+    Mirror(&'a Mirror),
+}
+
+impl Source<'_> {
+    fn host(&self) -> &str {
+        match self {
+            Source::Registry(registry, _) => &registry.addr,
+            Source::Mirror(mirror) => &mirror.addr,
+        }
+    }
+
+    /// The access flags, spelled with `prefix` (`src-` for copy, empty for inspect).
+    fn flags(&self, prefix: &str) -> Vec<String> {
+        match self {
+            Source::Registry(_, tls) => vec![
+                format!("--{prefix}creds={USER}:{PASSWORD}"),
+                format!("--{prefix}cert-dir={}", tls.cert_dir.display()),
+            ],
+            Source::Mirror(_) => vec![
+                format!("--{prefix}tls-verify=false"),
+                format!("--{prefix}no-creds"),
+            ],
+        }
+    }
+}
+
+impl Skopeo {
+    pub fn new(dir: &Path) -> Skopeo {
+        let bin = require_tool("skopeo", "skopeo");
+        fs::create_dir_all(dir.join("tmp")).expect("creating skopeo's directory");
+        let policy = dir.join("policy.json");
+        write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        );
+        let registries_conf = dir.join("registries.conf");
+        write(&registries_conf, "");
+        Skopeo {
+            bin,
+            policy,
+            registries_conf,
+            tmp: dir.join("tmp"),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = command(&self.bin);
+        cmd.env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--tmpdir")
+            .arg(&self.tmp);
+        cmd
+    }
+
+    /// Pushes `oci:<layout>:<tag>`, with every image of an index, to the registry as
+    /// `reference` (`name:tag`). Without `format` the digests are preserved or the push fails;
+    /// `v2s2` converts to Docker media types.
+    pub fn push(
+        &self,
+        layout: &Path,
+        tag: &str,
+        registry: &Registry,
+        tls: &Tls,
+        reference: &str,
+        format: Option<&str>,
+    ) {
+        let mut cmd = self.command();
+        cmd.args(["copy", "--quiet", "--all"])
+            .arg(format!("--dest-creds={USER}:{PASSWORD}"))
+            .arg(format!("--dest-cert-dir={}", tls.cert_dir.display()));
+        match format {
+            Some(format) => cmd.arg(format!("--format={format}")),
+            None => cmd.arg("--preserve-digests"),
+        };
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{reference}", registry.addr));
+        run(&mut cmd, COMMAND_TIMEOUT);
+    }
+
+    /// Pulls `reference` (`name:tag` or `name@digest`) from `source`, with every image of an
+    /// index, to `dest` (`oci:DIR:TAG` or `dir:DIR`). Digests are preserved or the copy fails.
+    pub fn pull(&self, source: &Source, reference: &str, dest: &str) {
+        let mut cmd = self.command();
+        cmd.args(["copy", "--quiet", "--all", "--preserve-digests"])
+            .args(source.flags("src-"))
+            .arg(format!("docker://{}/{reference}", source.host()))
+            .arg(dest);
+        run(&mut cmd, COMMAND_TIMEOUT);
+    }
+
+    /// The manifest or index bytes exactly as `source` serves them for `reference`.
+    pub fn inspect_raw(&self, source: &Source, reference: &str) -> Vec<u8> {
+        let mut cmd = self.command();
+        cmd.args(["inspect", "--raw"])
+            .args(source.flags(""))
+            .arg(format!("docker://{}/{reference}", source.host()));
+        run(&mut cmd, COMMAND_TIMEOUT).stdout
+    }
+}
