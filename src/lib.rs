@@ -5,9 +5,86 @@
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `oci`: the spec's types, no IO.
+//! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 
+pub mod cache;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod oci;
 pub mod store;
-pub mod metrics;
+pub mod telemetry;
 pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("cannot open the cache: {0}")]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves the mirror on an already bound listener until `shutdown` resolves, then drains.
+pub async fn serve(listener: TcpListener, config: config::Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let dir = config.cache.dir.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
+        .await
+        .map_err(|e| store::Error::Task(e))??;
+    let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
+    let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
+    let app = Arc::new(http::App::new(cache, metrics));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(addr = %addr, cache = %config.cache.dir.display(), "listening");
+    }
+    let limits = http::server::Limits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_timeout: config.server.shutdown_timeout,
+    };
+    http::server::run(listener, app, limits, shutdown).await;
+    Ok(())
+}
+
+/// Binds the configured address and serves until SIGTERM or Ctrl-C.
+pub async fn run(config: config::Config) -> Result<(), Error> {
+    let addr = config.listen_addr()?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    serve(listener, config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

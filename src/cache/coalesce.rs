@@ -1,0 +1,340 @@
+//! One upstream download per digest, however many clients ask. The first miss starts a fill
+//! task that streams the upstream body into an `Ingest`; every client, the first included,
+//! reads the growing file from disk, so a slow client never throttles the fill and a client
+//! that leaves does not stop it (the fill runs on up to `fill_timeout` with nobody reading).
+//!
+//! Invariant: a reader never delivers the last byte of a blob of known size (or, for an
+//! unknown size, never ends the body) before the fill has verified the digest. A mismatch or a
+//! broken upstream ends every reader's body with an error, so no client ever takes a wrong blob
+//! for a complete one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
+
+use super::Error;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+use crate::store::{Ingest, Store};
+use crate::upstream::Upstream;
+
+/// Largest read handed to a client at once.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub enum FillState {
+    /// Waiting for the upstream's response headers.
+    Starting,
+    /// Bytes `0..written` are on disk; `size` is the upstream's Content-Length.
+    Filling { size: Option<u64>, written: u64 },
+    /// Verified and in the store.
+    Done { size: u64 },
+    Failed(Arc<Error>),
+}
+
+pub struct Flight {
+    pub upstream: Arc<Upstream>,
+    pub repo: RepoName,
+    state: watch::Receiver<FillState>,
+    file: Arc<File>,
+    readers: AtomicUsize,
+}
+
+impl Flight {
+    /// Waits for the upstream's headers; the size when the upstream sent one.
+    pub async fn size(&self) -> Result<Option<u64>, Arc<Error>> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                FillState::Starting => {}
+                FillState::Filling { size, .. } => return Ok(*size),
+                FillState::Done { size } => return Ok(Some(*size)),
+                FillState::Failed(e) => return Err(e.clone()),
+            }
+            if rx.changed().await.is_err() {
+                return Err(Arc::new(Error::FillAbandoned));
+            }
+        }
+    }
+
+    /// A reader of the blob from the first byte, as it downloads.
+    pub fn reader(self: &Arc<Self>, metrics: Arc<Metrics>) -> GrowingReader {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        GrowingReader {
+            flight: self.clone(),
+            state: self.state.clone(),
+            pos: 0,
+            metrics,
+        }
+    }
+}
+
+/// The in-flight fills, by digest.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+pub struct FillParams {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub fill_timeout: Duration,
+    pub attempts: u32,
+}
+
+impl Flights {
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
+        self.map.lock().expect("flight map lock is never poisoned").get(digest).cloned()
+    }
+
+    /// Joins the fill of `digest` if one runs, else starts one fetching from `upstream`'s
+    /// `repo`. The bool says whether this call started it.
+    pub fn join_or_start(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        params: &FillParams,
+    ) -> Result<(Arc<Flight>, bool), Error> {
+        let mut map = self.map.lock().expect("flight map lock is never poisoned");
+        if let Some(flight) = map.get(digest) {
+            return Ok((flight.clone(), false));
+        }
+        let ingest = params.store.begin_ingest(digest)?;
+        let (tx, rx) = watch::channel(FillState::Starting);
+        let flight = Arc::new(Flight {
+            upstream: upstream.clone(),
+            repo: repo.clone(),
+            state: rx,
+            file: ingest.reader(),
+            readers: AtomicUsize::new(0),
+        });
+        map.insert(digest.clone(), flight.clone());
+        drop(map);
+        let task = Fill {
+            flights: self.clone(),
+            flight: flight.clone(),
+            digest: digest.clone(),
+            tx,
+            store: params.store.clone(),
+            metrics: params.metrics.clone(),
+            fill_timeout: params.fill_timeout,
+            attempts: params.attempts,
+        };
+        tokio::spawn(task.run(ingest));
+        Ok((flight, true))
+    }
+}
+
+struct Fill {
+    flights: Arc<Flights>,
+    flight: Arc<Flight>,
+    digest: Digest,
+    tx: watch::Sender<FillState>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    fill_timeout: Duration,
+    attempts: u32,
+}
+
+impl Fill {
+    async fn run(self, ingest: Ingest) {
+        self.metrics.fetches_in_flight.inc();
+        let span = tracing::info_span!("fill", upstream = %self.flight.upstream.name(), repo = %self.flight.repo, digest = %self.digest);
+        let result = tracing::Instrument::instrument(self.download(ingest), span.clone()).await;
+        self.metrics.fetches_in_flight.dec();
+        let _enter = span.enter();
+        match result {
+            Ok(size) => {
+                if let Err(e) = self.store.link(self.flight.upstream.name(), &self.flight.repo, &self.digest).await {
+                    tracing::error!(error = %e, "could not record the repository link of a stored blob");
+                }
+                tracing::info!(size, "blob stored");
+                self.tx.send_replace(FillState::Done { size });
+            }
+            Err(e) => {
+                if matches!(e, Error::Store(crate::store::Error::DigestMismatch { .. } | crate::store::Error::SizeMismatch { .. })) {
+                    self.metrics
+                        .digest_mismatches
+                        .with_label_values(&[self.flight.upstream.name().as_str()])
+                        .inc();
+                    tracing::warn!(error = %e, "upstream sent a blob that does not match its digest; not stored");
+                } else {
+                    tracing::warn!(error = %e, "blob download failed; nothing stored");
+                }
+                self.tx.send_replace(FillState::Failed(Arc::new(e)));
+            }
+        }
+        // Only now, with the blob in place (or given up), may new requests stop finding the flight.
+        self.flights
+            .map
+            .lock()
+            .expect("flight map lock is never poisoned")
+            .remove(&self.digest);
+    }
+
+    async fn download(&self, mut ingest: Ingest) -> Result<u64, Error> {
+        let upstream = &self.flight.upstream;
+        let mut resp = upstream
+            .blob(&self.flight.repo, &self.digest, 0)
+            .await
+            .map_err(Error::from_blob_upstream)?;
+        let size = resp.content_length();
+        self.tx.send_replace(FillState::Filling { size, written: 0 });
+        let mut resumes = 0;
+        let mut abandoned_since: Option<Instant> = None;
+        loop {
+            match self.stream_into(resp, &mut ingest, &mut abandoned_since).await {
+                Ok(()) => break,
+                Err(Error::Upstream(e)) if resumes + 1 < self.attempts && size.is_none_or(|s| ingest.written() < s) => {
+                    resumes += 1;
+                    tracing::warn!(error = %e, written = ingest.written(), "upstream body broke off; resuming with a range request");
+                    resp = upstream
+                        .blob(&self.flight.repo, &self.digest, ingest.written())
+                        .await
+                        .map_err(Error::from_blob_upstream)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let written = ingest.written();
+        ingest.commit(size).await?;
+        Ok(written)
+    }
+
+    /// Copies one upstream response into the ingest file. Chunks already received are batched
+    /// into one write (up to `READ_CHUNK`), so a fast upstream gets large writes while a slow
+    /// one gets each chunk to readers at once.
+    async fn stream_into(
+        &self,
+        resp: reqwest::Response,
+        ingest: &mut Ingest,
+        abandoned_since: &mut Option<Instant>,
+    ) -> Result<(), Error> {
+        let size = match &*self.tx.borrow() {
+            FillState::Filling { size, .. } => *size,
+            _ => None,
+        };
+        let mut body = resp.bytes_stream();
+        loop {
+            let mut batch = Vec::new();
+            let mut batch_len = 0;
+            let mut failure = None;
+            let mut ended = false;
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    batch_len += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(Err(e)) => failure = Some(e),
+                None => ended = true,
+            }
+            while failure.is_none() && !ended && batch_len < READ_CHUNK {
+                match body.next().now_or_never() {
+                    Some(Some(Ok(chunk))) => {
+                        batch_len += chunk.len();
+                        batch.push(chunk);
+                    }
+                    Some(Some(Err(e))) => failure = Some(e),
+                    Some(None) => ended = true,
+                    None => break,
+                }
+            }
+            // What arrived before a failure is valid, and a resume starts after it.
+            if !batch.is_empty() {
+                let written = ingest.append(batch).await?;
+                self.tx.send_replace(FillState::Filling { size, written });
+            }
+            if let Some(e) = failure {
+                return Err(Error::Upstream(self.flight.upstream.body_error(e)));
+            }
+            if ended {
+                return Ok(());
+            }
+            if self.flight.readers.load(Ordering::Relaxed) == 0 {
+                let since = *abandoned_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.fill_timeout {
+                    return Err(Error::FillAbandoned);
+                }
+            } else {
+                *abandoned_since = None;
+            }
+        }
+    }
+}
+
+/// Reads a blob as it downloads: positional reads of the ingest file up to what is written,
+/// holding back the final byte until the digest is verified.
+pub struct GrowingReader {
+    flight: Arc<Flight>,
+    state: watch::Receiver<FillState>,
+    pos: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for GrowingReader {
+    fn drop(&mut self) {
+        self.flight.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl GrowingReader {
+    /// The next chunk, `None` at the verified end, or an error if the fill failed.
+    pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        loop {
+            let (readable, done_size) = match &*self.state.borrow_and_update() {
+                FillState::Starting => (0, None),
+                FillState::Filling { size, written } => {
+                    let held_back = size.map_or(*written, |s| (*written).min(s.saturating_sub(1)));
+                    (held_back, None)
+                }
+                FillState::Done { size } => (*size, Some(*size)),
+                FillState::Failed(e) => return Some(Err(std::io::Error::other(e.to_string()))),
+            };
+            if self.pos < readable {
+                let len = (readable - self.pos).min(READ_CHUNK as u64) as usize;
+                let result = read_at(self.flight.file.clone(), self.pos, len).await;
+                if let Ok(bytes) = &result {
+                    self.pos += bytes.len() as u64;
+                    self.metrics
+                        .served_bytes
+                        .with_label_values(&["upstream"])
+                        .inc_by(bytes.len() as u64);
+                }
+                return Some(result);
+            }
+            if done_size.is_some() {
+                return None;
+            }
+            if self.state.changed().await.is_err() {
+                return Some(Err(std::io::Error::other("the download stopped")));
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` on a blocking thread (a short read only at end of file).
+pub async fn read_at(file: Arc<File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        let mut filled = 0;
+        while filled < len {
+            let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
