@@ -43,7 +43,7 @@ pub async fn serve(listener: TcpListener, config: config::Config, shutdown: impl
     let dir = config.cache.dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
-        .map_err(|e| store::Error::Task(e))??;
+        .map_err(store::Error::Task)??;
     let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let app = Arc::new(http::App::new(cache, metrics));
