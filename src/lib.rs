@@ -38,7 +38,11 @@ pub enum Error {
 }
 
 /// Serves the mirror on an already bound listener until `shutdown` resolves, then drains.
-pub async fn serve(listener: TcpListener, config: config::Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn serve(
+    listener: TcpListener,
+    config: config::Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let dir = config.cache.dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
@@ -62,10 +66,12 @@ pub async fn serve(listener: TcpListener, config: config::Config, shutdown: impl
 /// Binds the configured address and serves until SIGTERM or Ctrl-C.
 pub async fn run(config: config::Config) -> Result<(), Error> {
     let addr = config.listen_addr()?;
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Listen {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
     serve(listener, config, shutdown_signal()).await
 }
 
@@ -73,13 +79,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

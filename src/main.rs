@@ -58,15 +58,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match regcache::config::Config::load(config.as_deref()) {
-            Ok(c) => {
-                println!("{c:#?}");
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            match regcache::config::Config::load(config.as_deref()) {
+                Ok(c) => {
+                    println!("{c:#?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("regcache: {e}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("regcache: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! names, status codes): never a repository, a digest or anything a client typed.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -39,31 +40,50 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static");
-            registry.register(Box::new(c.clone())).expect("each metric is registered once");
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric definitions are static");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("each metric is registered once");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
-                .expect("metric definitions are static");
-            registry.register(Box::new(h.clone())).expect("each metric is registered once");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("metric definitions are static");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("each metric is registered once");
             h
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("metric definitions are static");
-            registry.register(Box::new(g.clone())).expect("each metric is registered once");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("each metric is registered once");
             g
         };
-        let build_info = IntGaugeVec::new(Opts::new("regcache_build_info", "regcache version, value 1"), &["version"])
-            .expect("metric definitions are static");
-        registry.register(Box::new(build_info.clone())).expect("registered once");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = IntGaugeVec::new(
+            Opts::new("regcache_build_info", "regcache version, value 1"),
+            &["version"],
+        )
+        .expect("metric definitions are static");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
             http_requests: counter(
                 "regcache_http_requests_total",
@@ -75,8 +95,16 @@ impl Metrics {
                 "Time until response headers were ready, by route",
                 &["route"],
             ),
-            cache_hits: counter("regcache_cache_hits_total", "Requests served from the cache, by kind", &["kind"]),
-            cache_misses: counter("regcache_cache_misses_total", "Requests that needed the upstream, by kind", &["kind"]),
+            cache_hits: counter(
+                "regcache_cache_hits_total",
+                "Requests served from the cache, by kind",
+                &["kind"],
+            ),
+            cache_misses: counter(
+                "regcache_cache_misses_total",
+                "Requests that needed the upstream, by kind",
+                &["kind"],
+            ),
             cache_coalesced: counter(
                 "regcache_cache_coalesced_total",
                 "Requests that joined a download already in progress, by kind",
@@ -112,7 +140,10 @@ impl Metrics {
                 "Downloads refused because their bytes did not match the digest or size, by upstream",
                 &["upstream"],
             ),
-            fetches_in_flight: gauge("regcache_upstream_fetches_in_flight", "Blob downloads from upstreams in progress"),
+            fetches_in_flight: gauge(
+                "regcache_upstream_fetches_in_flight",
+                "Blob downloads from upstreams in progress",
+            ),
             cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
             cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
             build_info,

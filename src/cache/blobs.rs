@@ -25,28 +25,44 @@ pub enum Blob {
 
 impl Cache {
     /// Answers a blob GET (`head == false`) or HEAD for `repo` on `upstream`.
-    pub async fn blob(&self, upstream: &Arc<Upstream>, repo: &RepoName, digest: &Digest, head: bool) -> Result<Blob, Error> {
+    pub async fn blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<Blob, Error> {
         if let Some(file) = self.store.open_blob(digest).await? {
             self.ensure_linked(upstream, repo, digest, None).await?;
             self.metrics.cache_hits.with_label_values(&["blob"]).inc();
             return Ok(Blob::Stored(file));
         }
         if let Some(flight) = self.flights.get(digest) {
-            self.ensure_linked(upstream, repo, digest, Some(&flight)).await?;
+            self.ensure_linked(upstream, repo, digest, Some(&flight))
+                .await?;
             if !head {
-                self.metrics.cache_coalesced.with_label_values(&["blob"]).inc();
+                self.metrics
+                    .cache_coalesced
+                    .with_label_values(&["blob"])
+                    .inc();
                 return self.follow(flight, false).await;
             }
         }
         self.metrics.cache_misses.with_label_values(&["blob"]).inc();
         if head {
-            let size = upstream.blob_size(repo, digest).await.map_err(Error::from_blob_upstream)?;
+            let size = upstream
+                .blob_size(repo, digest)
+                .await
+                .map_err(Error::from_blob_upstream)?;
             return Ok(Blob::Remote { size });
         }
-        let (flight, started_here) = self.flights.join_or_start(upstream, repo, digest, &self.fill)?;
+        let (flight, started_here) = self
+            .flights
+            .join_or_start(upstream, repo, digest, &self.fill)?;
         if !started_here {
             // Another request started the same download between our checks.
-            self.ensure_linked(upstream, repo, digest, Some(&flight)).await?;
+            self.ensure_linked(upstream, repo, digest, Some(&flight))
+                .await?;
         }
         self.follow(flight, started_here).await
     }
@@ -81,7 +97,10 @@ impl Cache {
         if self.store.is_linked(upstream.name(), repo, digest).await {
             return Ok(());
         }
-        upstream.blob_size(repo, digest).await.map_err(Error::from_blob_upstream)?;
+        upstream
+            .blob_size(repo, digest)
+            .await
+            .map_err(Error::from_blob_upstream)?;
         self.store.link(upstream.name(), repo, digest).await?;
         Ok(())
     }

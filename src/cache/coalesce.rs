@@ -33,9 +33,14 @@ pub enum FillState {
     /// Waiting for the upstream's response headers.
     Starting,
     /// Bytes `0..written` are on disk; `size` is the upstream's Content-Length.
-    Filling { size: Option<u64>, written: u64 },
+    Filling {
+        size: Option<u64>,
+        written: u64,
+    },
     /// Verified and in the store.
-    Done { size: u64 },
+    Done {
+        size: u64,
+    },
     Failed(Arc<Error>),
 }
 
@@ -91,7 +96,11 @@ pub struct FillParams {
 
 impl Flights {
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
-        self.map.lock().expect("flight map lock is never poisoned").get(digest).cloned()
+        self.map
+            .lock()
+            .expect("flight map lock is never poisoned")
+            .get(digest)
+            .cloned()
     }
 
     /// Joins the fill of `digest` if one runs, else starts one fetching from `upstream`'s
@@ -153,14 +162,24 @@ impl Fill {
         let _enter = span.enter();
         match result {
             Ok(size) => {
-                if let Err(e) = self.store.link(self.flight.upstream.name(), &self.flight.repo, &self.digest).await {
+                if let Err(e) = self
+                    .store
+                    .link(self.flight.upstream.name(), &self.flight.repo, &self.digest)
+                    .await
+                {
                     tracing::error!(error = %e, "could not record the repository link of a stored blob");
                 }
                 tracing::info!(size, "blob stored");
                 self.tx.send_replace(FillState::Done { size });
             }
             Err(e) => {
-                if matches!(e, Error::Store(crate::store::Error::DigestMismatch { .. } | crate::store::Error::SizeMismatch { .. })) {
+                if matches!(
+                    e,
+                    Error::Store(
+                        crate::store::Error::DigestMismatch { .. }
+                            | crate::store::Error::SizeMismatch { .. }
+                    )
+                ) {
                     self.metrics
                         .digest_mismatches
                         .with_label_values(&[self.flight.upstream.name().as_str()])
@@ -187,13 +206,19 @@ impl Fill {
             .await
             .map_err(Error::from_blob_upstream)?;
         let size = resp.content_length();
-        self.tx.send_replace(FillState::Filling { size, written: 0 });
+        self.tx
+            .send_replace(FillState::Filling { size, written: 0 });
         let mut resumes = 0;
         let mut abandoned_since: Option<Instant> = None;
         loop {
-            match self.stream_into(resp, &mut ingest, &mut abandoned_since).await {
+            match self
+                .stream_into(resp, &mut ingest, &mut abandoned_since)
+                .await
+            {
                 Ok(()) => break,
-                Err(Error::Upstream(e)) if resumes + 1 < self.attempts && size.is_none_or(|s| ingest.written() < s) => {
+                Err(Error::Upstream(e))
+                    if resumes + 1 < self.attempts && size.is_none_or(|s| ingest.written() < s) =>
+                {
                     resumes += 1;
                     tracing::warn!(error = %e, written = ingest.written(), "upstream body broke off; resuming with a range request");
                     resp = upstream

@@ -65,14 +65,20 @@ impl Cache {
             .try_get_with(key.clone(), async {
                 let answer = match reference {
                     Reference::Digest(d) => self.manifest_by_digest(upstream, repo, d, head).await,
-                    Reference::Tag(t) => self.manifest_by_tag(upstream, repo, t, accept, head).await,
+                    Reference::Tag(t) => {
+                        self.manifest_by_tag(upstream, repo, t, accept, head).await
+                    }
                 };
                 answer.map(Arc::new)
             })
             .await;
         self.manifest_flights.invalidate(&key).await;
         let manifest = result.map_err(Error::Fill)?;
-        let kind = if matches!(reference, Reference::Tag(_)) { "tag" } else { "manifest" };
+        let kind = if matches!(reference, Reference::Tag(_)) {
+            "tag"
+        } else {
+            "manifest"
+        };
         match manifest.outcome {
             Outcome::Hit => self.metrics.cache_hits.with_label_values(&[kind]).inc(),
             Outcome::Miss => self.metrics.cache_misses.with_label_values(&[kind]).inc(),
@@ -98,7 +104,13 @@ impl Cache {
             if !self.store.is_linked(upstream.name(), repo, digest).await {
                 // Cross-repository rule: confirm this repository has it before serving it.
                 upstream
-                    .manifest(Method::HEAD, repo, &digest.to_string(), &Accept::default(), self.max_manifest_size)
+                    .manifest(
+                        Method::HEAD,
+                        repo,
+                        &digest.to_string(),
+                        &Accept::default(),
+                        self.max_manifest_size,
+                    )
                     .await
                     .map_err(Error::from_manifest_upstream)?;
                 self.store.link(upstream.name(), repo, digest).await?;
@@ -115,10 +127,17 @@ impl Cache {
         let method = if head { Method::HEAD } else { Method::GET };
         let accept_all = Accept::default();
         let resp = upstream
-            .manifest(method, repo, &digest.to_string(), &accept_all, self.max_manifest_size)
+            .manifest(
+                method,
+                repo,
+                &digest.to_string(),
+                &accept_all,
+                self.max_manifest_size,
+            )
             .await
             .map_err(Error::from_manifest_upstream)?;
-        self.take_manifest(upstream, repo, resp, Some(digest), head).await
+        self.take_manifest(upstream, repo, resp, Some(digest), head)
+            .await
     }
 
     async fn manifest_by_tag(
@@ -131,11 +150,17 @@ impl Cache {
     ) -> Result<Manifest, Error> {
         let key = format!("{}\n{}\n{}", upstream.name(), repo, tag);
         let record = match self.store.get_tag(upstream.name(), repo, tag).await {
-            None => return self.fetch_tag(upstream, repo, tag, accept, head, true).await,
+            None => {
+                return self
+                    .fetch_tag(upstream, repo, tag, accept, head, true)
+                    .await;
+            }
             // The client cannot take what the tag record holds: ask the upstream with its
             // Accept, and keep the record for the clients that can.
             Some(r) if !accept.accepts(&r.media_type) => {
-                return self.fetch_tag(upstream, repo, tag, accept, head, false).await;
+                return self
+                    .fetch_tag(upstream, repo, tag, accept, head, false)
+                    .await;
             }
             Some(r) => r,
         };
@@ -145,18 +170,32 @@ impl Cache {
             .await
             .is_some_and(|checked| checked.elapsed() < self.tag_ttl);
         if fresh {
-            return self.answer_from_record(upstream, repo, &record, head, Outcome::Hit).await;
+            return self
+                .answer_from_record(upstream, repo, &record, head, Outcome::Hit)
+                .await;
         }
         match upstream
-            .manifest(Method::HEAD, repo, tag.as_str(), accept, self.max_manifest_size)
+            .manifest(
+                Method::HEAD,
+                repo,
+                tag.as_str(),
+                accept,
+                self.max_manifest_size,
+            )
             .await
         {
             Ok(resp) if resp.digest.as_ref() == Some(&record.digest) => {
-                self.tag_checked.insert(key, tokio::time::Instant::now()).await;
-                self.answer_from_record(upstream, repo, &record, head, Outcome::Hit).await
+                self.tag_checked
+                    .insert(key, tokio::time::Instant::now())
+                    .await;
+                self.answer_from_record(upstream, repo, &record, head, Outcome::Hit)
+                    .await
             }
             // Moved (or the upstream does not say): fetch what the tag is now.
-            Ok(_) => self.fetch_tag(upstream, repo, tag, accept, head, true).await,
+            Ok(_) => {
+                self.fetch_tag(upstream, repo, tag, accept, head, true)
+                    .await
+            }
             Err(e) if Error::is_not_found(&e) => {
                 self.store.delete_tag(upstream.name(), repo, tag).await?;
                 self.tag_checked.invalidate(&key).await;
@@ -165,7 +204,10 @@ impl Cache {
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name(), %repo, %tag, error = %e,
                     "upstream failed to revalidate a tag; serving the last known digest");
-                match self.answer_from_record(upstream, repo, &record, head, Outcome::Stale).await {
+                match self
+                    .answer_from_record(upstream, repo, &record, head, Outcome::Stale)
+                    .await
+                {
                     Ok(m) => Ok(m),
                     // Nothing stored to fall back on: the upstream's failure is the answer.
                     Err(_) => Err(Error::Upstream(e)),
@@ -203,7 +245,9 @@ impl Cache {
         if outcome == Outcome::Stale {
             return Err(Error::ManifestUnknown);
         }
-        let mut m = self.manifest_by_digest(upstream, repo, &record.digest, false).await?;
+        let mut m = self
+            .manifest_by_digest(upstream, repo, &record.digest, false)
+            .await?;
         m.outcome = outcome;
         Ok(m)
     }
@@ -225,7 +269,13 @@ impl Cache {
         if head && (resp.digest.is_none() || resp.media_type.is_none()) {
             // Without a digest a HEAD cannot be answered truthfully: fetch the manifest.
             resp = upstream
-                .manifest(Method::GET, repo, tag.as_str(), accept, self.max_manifest_size)
+                .manifest(
+                    Method::GET,
+                    repo,
+                    tag.as_str(),
+                    accept,
+                    self.max_manifest_size,
+                )
                 .await
                 .map_err(Error::from_manifest_upstream)?;
         }
@@ -238,7 +288,9 @@ impl Cache {
             };
             self.store.put_tag(upstream.name(), repo, tag, &rec).await?;
             let key = format!("{}\n{}\n{}", upstream.name(), repo, tag);
-            self.tag_checked.insert(key, tokio::time::Instant::now()).await;
+            self.tag_checked
+                .insert(key, tokio::time::Instant::now())
+                .await;
         }
         Ok(manifest)
     }
@@ -264,9 +316,13 @@ impl Cache {
                 .or_else(|| expected.cloned())
                 .ok_or_else(|| invalid("manifest HEAD without Docker-Content-Digest"))?;
             return Ok(Manifest {
-                media_type: resp.media_type.ok_or_else(|| invalid("manifest without Content-Type"))?,
+                media_type: resp
+                    .media_type
+                    .ok_or_else(|| invalid("manifest without Content-Type"))?,
                 digest,
-                size: resp.length.ok_or_else(|| invalid("manifest HEAD without Content-Length"))?,
+                size: resp
+                    .length
+                    .ok_or_else(|| invalid("manifest HEAD without Content-Length"))?,
                 body: None,
                 outcome: Outcome::Miss,
             });
@@ -288,7 +344,9 @@ impl Cache {
             Some(m) if !m.is_empty() => m,
             _ => media_type_of(&body).ok_or_else(|| invalid("manifest without a media type"))?,
         };
-        self.store.put_manifest(&digest, &media_type, body.clone()).await?;
+        self.store
+            .put_manifest(&digest, &media_type, body.clone())
+            .await?;
         self.store.link(upstream.name(), repo, &digest).await?;
         for child in referenced_digests(&body) {
             self.store.link(upstream.name(), repo, &child).await?;

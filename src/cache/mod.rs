@@ -43,11 +43,19 @@ impl Error {
     }
 
     fn from_manifest_upstream(e: upstream::Error) -> Error {
-        if Error::is_not_found(&e) { Error::ManifestUnknown } else { Error::Upstream(e) }
+        if Error::is_not_found(&e) {
+            Error::ManifestUnknown
+        } else {
+            Error::Upstream(e)
+        }
     }
 
     fn from_blob_upstream(e: upstream::Error) -> Error {
-        if Error::is_not_found(&e) { Error::BlobUnknown } else { Error::Upstream(e) }
+        if Error::is_not_found(&e) {
+            Error::BlobUnknown
+        } else {
+            Error::Upstream(e)
+        }
     }
 }
 
@@ -65,7 +73,12 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(config: &Config, store: Store, upstreams: Arc<Upstreams>, metrics: Arc<Metrics>) -> Cache {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+    ) -> Cache {
         Cache {
             fill: coalesce::FillParams {
                 store: store.clone(),

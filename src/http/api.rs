@@ -19,14 +19,25 @@ const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
 pub fn base() -> Response<Body> {
     let mut resp = Response::new(body::full("{}"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert("docker-distribution-api-version", API_VERSION);
+        .insert("docker-distribution-api-version", API_VERSION);
     resp
 }
 
-fn select(app: &App, query: &[(String, String)], name: &ImageName, log: &mut RequestLog) -> Result<(Arc<Upstream>, crate::oci::RepoName), ApiError> {
-    let ns = query.iter().find(|(k, _)| k == "ns").map(|(_, v)| v.as_str());
+fn select(
+    app: &App,
+    query: &[(String, String)],
+    name: &ImageName,
+    log: &mut RequestLog,
+) -> Result<(Arc<Upstream>, crate::oci::RepoName), ApiError> {
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.as_str());
     let (upstream, repo) = app.cache.upstreams().select(ns, name)?;
     log.upstream = Some(upstream.name().to_string());
     log.repo = Some(repo.to_string());
@@ -54,9 +65,17 @@ pub async fn manifest(
     log: &mut RequestLog,
 ) -> Result<Response<Body>, ApiError> {
     let (upstream, repo) = select(app, query, name, log)?;
-    let accept = Accept::from_lines(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let accept = Accept::from_lines(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let head = method == Method::HEAD;
-    let m = app.cache.manifest(&upstream, &repo, reference, &accept, head).await?;
+    let m = app
+        .cache
+        .manifest(&upstream, &repo, reference, &accept, head)
+        .await?;
     log.cache = Some(m.outcome.as_str());
     let mut resp = Response::new(match m.body {
         Some(b) if !head => body::full(b),
@@ -65,7 +84,10 @@ pub async fn manifest(
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, header_value(&m.media_type)?);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
-    h.insert("docker-content-digest", header_value(&m.digest.to_string())?);
+    h.insert(
+        "docker-content-digest",
+        header_value(&m.digest.to_string())?,
+    );
     h.insert("docker-distribution-api-version", API_VERSION);
     log.bytes = m.size;
     Ok(resp)
@@ -106,7 +128,11 @@ pub async fn blob(
                     return Ok(resp);
                 }
             };
-            let body = if head { body::empty() } else { body::file_range(file.file, start, end, app.metrics.clone()) };
+            let body = if head {
+                body::empty()
+            } else {
+                body::file_range(file.file, start, end, app.metrics.clone())
+            };
             (Some(end - start), body)
         }
         Blob::Filling {
@@ -125,7 +151,10 @@ pub async fn blob(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert("docker-content-digest", header_value(&digest.to_string())?);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert("docker-distribution-api-version", API_VERSION);
@@ -162,7 +191,8 @@ pub async fn passthrough(
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        raw.content_type.unwrap_or(HeaderValue::from_static("application/json")),
+        raw.content_type
+            .unwrap_or(HeaderValue::from_static("application/json")),
     );
     if let Some(link) = raw.link {
         h.insert(header::LINK, link);

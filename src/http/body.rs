@@ -14,7 +14,9 @@ use crate::metrics::Metrics;
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -33,11 +35,17 @@ pub fn file_range(file: Arc<File>, start: u64, end: u64, metrics: Arc<Metrics>) 
             let len = (end - pos).min(READ_CHUNK as u64) as usize;
             match read_at(file, pos, len).await {
                 Ok(bytes) if bytes.is_empty() => Some((
-                    Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached blob shorter than its size")),
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "cached blob shorter than its size",
+                    )),
                     end,
                 )),
                 Ok(bytes) => {
-                    metrics.served_bytes.with_label_values(&["cache"]).inc_by(bytes.len() as u64);
+                    metrics
+                        .served_bytes
+                        .with_label_values(&["cache"])
+                        .inc_by(bytes.len() as u64);
                     let next = pos + bytes.len() as u64;
                     Some((Ok(Frame::data(bytes)), next))
                 }

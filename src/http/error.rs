@@ -29,7 +29,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>, fault: Fault) -> ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: ErrorCode,
+        message: impl Into<String>,
+        fault: Fault,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -78,7 +83,9 @@ impl From<SelectError> for ApiError {
     fn from(e: SelectError) -> ApiError {
         let (status, code) = match &e {
             SelectError::NotConfigured(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
-            SelectError::BadNamespace | SelectError::NameInvalid => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            SelectError::BadNamespace | SelectError::NameInvalid => {
+                (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+            }
         };
         ApiError::new(status, code, e.to_string(), Fault::Client)
     }
@@ -146,12 +153,14 @@ impl From<&upstream::Error> for ApiError {
                 format!("upstream {upstream} sent a document over the {limit}-byte limit"),
                 Fault::Upstream,
             ),
-            upstream::Error::Invalid { upstream, .. } | upstream::Error::Body { upstream, .. } => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorCode::Unavailable,
-                format!("upstream {upstream} sent a broken response"),
-                Fault::Upstream,
-            ),
+            upstream::Error::Invalid { upstream, .. } | upstream::Error::Body { upstream, .. } => {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::Unavailable,
+                    format!("upstream {upstream} sent a broken response"),
+                    Fault::Upstream,
+                )
+            }
         };
         api.with_source(e)
     }
@@ -166,9 +175,12 @@ impl From<&cache::Error> for ApiError {
                 "manifest unknown",
                 Fault::Client,
             ),
-            cache::Error::BlobUnknown => {
-                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown", Fault::Client)
-            }
+            cache::Error::BlobUnknown => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::BlobUnknown,
+                "blob unknown",
+                Fault::Client,
+            ),
             cache::Error::ManifestDigestMismatch => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 ErrorCode::Unavailable,

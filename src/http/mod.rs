@@ -64,7 +64,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     let kind = route.as_ref().map_or("invalid", Route::kind);
     let span = tracing::info_span!("request", id, %method, route = kind);
     let mut log = RequestLog::default();
-    let result = tracing::Instrument::instrument(dispatch(&app, &method, &req, route, &mut log), span.clone()).await;
+    let result = tracing::Instrument::instrument(
+        dispatch(&app, &method, &req, route, &mut log),
+        span.clone(),
+    )
+    .await;
     let response = match result {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
@@ -87,7 +91,16 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     if kind == "metrics" || kind == "healthz" || kind == "readyz" {
         tracing::debug!(path, status = status.as_u16(), ms, "request");
     } else {
-        tracing::info!(path, upstream, repo, status = status.as_u16(), bytes = log.bytes, cache, ms, "request");
+        tracing::info!(
+            path,
+            upstream,
+            repo,
+            status = status.as_u16(),
+            bytes = log.bytes,
+            cache,
+            ms,
+            "request"
+        );
     }
     response
 }
@@ -116,11 +129,25 @@ async fn dispatch<B>(
     let headers = req.headers();
     let mut resp = match &route {
         Route::Base => api::base(),
-        Route::Manifest { name, reference } => api::manifest(app, method, headers, &query, name, reference, log).await?,
-        Route::Blob { name, digest } => api::blob(app, method, headers, &query, name, digest, log).await?,
-        Route::Tags { name } => api::passthrough(app, &query, name, "tags/list", &["n", "last"], log).await?,
+        Route::Manifest { name, reference } => {
+            api::manifest(app, method, headers, &query, name, reference, log).await?
+        }
+        Route::Blob { name, digest } => {
+            api::blob(app, method, headers, &query, name, digest, log).await?
+        }
+        Route::Tags { name } => {
+            api::passthrough(app, &query, name, "tags/list", &["n", "last"], log).await?
+        }
         Route::Referrers { name, digest } => {
-            api::passthrough(app, &query, name, &format!("referrers/{digest}"), &["artifactType"], log).await?
+            api::passthrough(
+                app,
+                &query,
+                name,
+                &format!("referrers/{digest}"),
+                &["artifactType"],
+                log,
+            )
+            .await?
         }
         Route::Upload => return Err(ApiError::unsupported()),
         Route::Metrics => metrics(app),
@@ -138,15 +165,21 @@ async fn dispatch<B>(
 fn text(status: StatusCode, s: &'static str) -> Response<Body> {
     let mut resp = Response::new(body::full(s));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
 fn metrics(app: &App) -> Response<Body> {
     let (bytes, objects) = app.cache.store().usage();
-    app.metrics.cache_size_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    app.metrics.cache_objects.set(i64::try_from(objects).unwrap_or(i64::MAX));
+    app.metrics
+        .cache_size_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    app.metrics
+        .cache_objects
+        .set(i64::try_from(objects).unwrap_or(i64::MAX));
     let mut resp = Response::new(body::full(app.metrics.render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -157,7 +190,9 @@ fn metrics(app: &App) -> Response<Body> {
 
 fn error_response(e: &ApiError) -> Response<Body> {
     match e.fault {
-        Fault::Client => tracing::debug!(code = e.code.as_str(), message = %e.message, "client error"),
+        Fault::Client => {
+            tracing::debug!(code = e.code.as_str(), message = %e.message, "client error")
+        }
         Fault::Upstream => {
             tracing::warn!(code = e.code.as_str(), message = %e.message, source = e.source.as_deref().unwrap_or(""), "upstream error")
         }
@@ -169,8 +204,14 @@ fn error_response(e: &ApiError) -> Response<Body> {
     let mut resp = Response::new(body::full(json));
     *resp.status_mut() = e.status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     if let Some(ra) = &e.retry_after {
         h.insert(header::RETRY_AFTER, ra.clone());
     }

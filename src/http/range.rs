@@ -24,7 +24,9 @@ pub fn parse(header: Option<&str>, size: u64) -> Range {
         return Range::Full;
     };
     let num = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
     };
     match (first.trim(), last.trim()) {
         ("", suffix) => match num(suffix) {
@@ -37,7 +39,9 @@ pub fn parse(header: Option<&str>, size: u64) -> Range {
             None => Range::Full,
         },
         (start, end) => {
-            let Some(start) = num(start) else { return Range::Full };
+            let Some(start) = num(start) else {
+                return Range::Full;
+            };
             let end = if end.is_empty() {
                 size.saturating_sub(1)
             } else {
@@ -46,7 +50,11 @@ pub fn parse(header: Option<&str>, size: u64) -> Range {
                     _ => return Range::Full,
                 }
             };
-            if start >= size { Range::Unsatisfiable } else { Range::Part { start, end } }
+            if start >= size {
+                Range::Unsatisfiable
+            } else {
+                Range::Part { start, end }
+            }
         }
     }
 }
@@ -58,10 +66,22 @@ mod tests {
 
     #[test]
     fn single_ranges() {
-        assert_eq!(parse(Some("bytes=0-9"), 100), Range::Part { start: 0, end: 9 });
-        assert_eq!(parse(Some("bytes=90-"), 100), Range::Part { start: 90, end: 99 });
-        assert_eq!(parse(Some("bytes=-10"), 100), Range::Part { start: 90, end: 99 });
-        assert_eq!(parse(Some("bytes=50-500"), 100), Range::Part { start: 50, end: 99 });
+        assert_eq!(
+            parse(Some("bytes=0-9"), 100),
+            Range::Part { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse(Some("bytes=90-"), 100),
+            Range::Part { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse(Some("bytes=-10"), 100),
+            Range::Part { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse(Some("bytes=50-500"), 100),
+            Range::Part { start: 50, end: 99 }
+        );
         assert_eq!(parse(Some("bytes=100-"), 100), Range::Unsatisfiable);
         assert_eq!(parse(Some("bytes=-0"), 100), Range::Unsatisfiable);
     }

@@ -9,10 +9,21 @@ use crate::oci::{Digest, ImageName, Reference};
 pub enum Route {
     /// `/v2/`
     Base,
-    Manifest { name: ImageName, reference: Reference },
-    Blob { name: ImageName, digest: Digest },
-    Tags { name: ImageName },
-    Referrers { name: ImageName, digest: Digest },
+    Manifest {
+        name: ImageName,
+        reference: Reference,
+    },
+    Blob {
+        name: ImageName,
+        digest: Digest,
+    },
+    Tags {
+        name: ImageName,
+    },
+    Referrers {
+        name: ImageName,
+        digest: Digest,
+    },
     /// `/v2/<name>/blobs/uploads/...`: the push API this mirror does not offer.
     Upload,
     Metrics,
@@ -63,7 +74,12 @@ pub fn parse(path: &str) -> Result<Route, Error> {
     if n < 3 {
         return Err(Error::NotFound);
     }
-    let name = |end: usize| segments[..end].join("/").parse::<ImageName>().map_err(Error::Name);
+    let name = |end: usize| {
+        segments[..end]
+            .join("/")
+            .parse::<ImageName>()
+            .map_err(Error::Name)
+    };
     if let Some(i) = segments.iter().rposition(|s| *s == "blobs")
         && segments.get(i + 1) == Some(&"uploads")
     {
@@ -82,11 +98,17 @@ pub fn parse(path: &str) -> Result<Route, Error> {
         }
         ("blobs", d) => {
             let name = name(n - 2)?;
-            Ok(Route::Blob { name, digest: digest(d)? })
+            Ok(Route::Blob {
+                name,
+                digest: digest(d)?,
+            })
         }
         ("referrers", d) => {
             let name = name(n - 2)?;
-            Ok(Route::Referrers { name, digest: digest(d)? })
+            Ok(Route::Referrers {
+                name,
+                digest: digest(d)?,
+            })
         }
         _ => Err(Error::NotFound),
     }
@@ -103,27 +125,57 @@ mod tests {
     fn parses_what_clients_send() {
         assert_eq!(parse("/v2/"), Ok(Route::Base));
         let r = parse("/v2/library/alpine/manifests/latest").expect("valid");
-        assert!(matches!(r, Route::Manifest { reference: Reference::Tag(_), .. }));
+        assert!(matches!(
+            r,
+            Route::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            }
+        ));
         let r = parse(&format!("/v2/ghcr.io/org/app/blobs/{D}")).expect("valid");
         match r {
             Route::Blob { name, .. } => {
-                assert_eq!(name.host.map(|h| h.to_string()), Some("ghcr.io".to_string()));
+                assert_eq!(
+                    name.host.map(|h| h.to_string()),
+                    Some("ghcr.io".to_string())
+                );
                 assert_eq!(name.repo.as_str(), "org/app");
             }
             other => panic!("unexpected route {other:?}"),
         }
-        assert!(matches!(parse("/v2/a/blobs/tags/list"), Ok(Route::Tags { .. })));
-        assert!(matches!(parse(&format!("/v2/a/referrers/{D}")), Ok(Route::Referrers { .. })));
+        assert!(matches!(
+            parse("/v2/a/blobs/tags/list"),
+            Ok(Route::Tags { .. })
+        ));
+        assert!(matches!(
+            parse(&format!("/v2/a/referrers/{D}")),
+            Ok(Route::Referrers { .. })
+        ));
         assert!(matches!(parse("/v2/a/blobs/uploads/"), Ok(Route::Upload)));
-        assert!(matches!(parse("/v2/a/blobs/uploads/uuid-1"), Ok(Route::Upload)));
+        assert!(matches!(
+            parse("/v2/a/blobs/uploads/uuid-1"),
+            Ok(Route::Upload)
+        ));
     }
 
     #[test]
     fn refuses_bad_input_with_the_right_error() {
-        assert!(matches!(parse("/v2/UPPER/manifests/latest"), Err(Error::Name(_))));
-        assert!(matches!(parse("/v2/a/../b/manifests/latest"), Err(Error::Name(_))));
-        assert!(matches!(parse("/v2/a/manifests/bad!tag"), Err(Error::Tag(_))));
-        assert!(matches!(parse("/v2/a/manifests/sha256:abc"), Err(Error::Digest(_))));
+        assert!(matches!(
+            parse("/v2/UPPER/manifests/latest"),
+            Err(Error::Name(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/../b/manifests/latest"),
+            Err(Error::Name(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/manifests/bad!tag"),
+            Err(Error::Tag(_))
+        ));
+        assert!(matches!(
+            parse("/v2/a/manifests/sha256:abc"),
+            Err(Error::Digest(_))
+        ));
         assert!(matches!(parse("/v2/a/blobs/latest"), Err(Error::Digest(_))));
         assert!(matches!(parse("/v2/a/b"), Err(Error::NotFound)));
         assert!(matches!(parse("/other"), Err(Error::NotFound)));

@@ -22,7 +22,12 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
-pub async fn run(listener: TcpListener, app: Arc<App>, limits: Limits, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -54,7 +59,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, limits: Limits, shutdown:
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(super::handle(app, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -9,7 +9,10 @@ use tokio::time::{Duration, Instant};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
 }
 
 /// Parses the first challenge we can answer; `None` for schemes we do not speak.
@@ -61,7 +64,12 @@ fn auth_params(s: &str) -> HashMap<String, String> {
                 }
             }
         } else {
-            value = chars.by_ref().take_while(|c| *c != ',').collect::<String>().trim().to_owned();
+            value = chars
+                .by_ref()
+                .take_while(|c| *c != ',')
+                .collect::<String>()
+                .trim()
+                .to_owned();
         }
         params.insert(key, value);
     }
@@ -96,7 +104,9 @@ impl TokenResponse {
         if value.is_empty() {
             return None;
         }
-        let lifetime = self.expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        let lifetime = self
+            .expires_in
+            .map_or(DEFAULT_LIFETIME, Duration::from_secs);
         Some(Token {
             value: crate::config::Secret::new(value),
             expires_at: now + lifetime.saturating_sub(EXPIRY_MARGIN),
@@ -125,7 +135,10 @@ mod tests {
 
     #[test]
     fn basic_unquoted_and_escaped() {
-        assert_eq!(parse(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse("basic"), Some(Challenge::Basic));
         let c = parse(r#"Bearer service=reg, realm="https://x/t\"q""#);
         assert_eq!(
@@ -142,7 +155,8 @@ mod tests {
     #[test]
     fn token_lifetime_and_fallback_fields() {
         let now = Instant::now();
-        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"a","expires_in":300}"#).expect("json");
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":300}"#).expect("json");
         let token = t.into_token(now).expect("token");
         assert_eq!(token.value.expose(), "a");
         assert_eq!(token.expires_at, now + Duration::from_secs(290));

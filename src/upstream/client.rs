@@ -37,11 +37,17 @@ pub enum Error {
         retry_after: Option<HeaderValue>,
     },
     #[error("upstream {upstream} token endpoint: {reason}")]
-    Token { upstream: RegistryHost, reason: String },
+    Token {
+        upstream: RegistryHost,
+        reason: String,
+    },
     #[error("upstream {upstream} sent more than {limit} bytes where a small document was expected")]
     TooLarge { upstream: RegistryHost, limit: u64 },
     #[error("upstream {upstream} sent an invalid response: {reason}")]
-    Invalid { upstream: RegistryHost, reason: String },
+    Invalid {
+        upstream: RegistryHost,
+        reason: String,
+    },
     #[error("upstream {upstream} broke off a response body: {source}")]
     Body {
         upstream: RegistryHost,
@@ -56,7 +62,10 @@ pub enum Error {
 enum Scheme {
     Unknown,
     Basic,
-    Bearer { realm: String, service: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
 }
 
 pub struct Upstream {
@@ -90,7 +99,11 @@ pub struct RawResponse {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, client: &UpstreamClientConfig, metrics: Arc<Metrics>) -> Result<Upstream, Error> {
+    pub fn new(
+        config: &UpstreamConfig,
+        client: &UpstreamClientConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, Error> {
         let name: RegistryHost = config
             .name
             .parse()
@@ -101,10 +114,15 @@ impl Upstream {
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::limited(10));
         if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| Error::Config(format!("cannot read ca_file {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| Error::Config(format!("ca_file {} is not a PEM bundle: {e}", path.display())))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::Config(format!("cannot read ca_file {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::Config(format!(
+                    "ca_file {} is not a PEM bundle: {e}",
+                    path.display()
+                ))
+            })?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
@@ -159,17 +177,29 @@ impl Upstream {
         }
         let is_get = method == Method::GET;
         let resp = self
-            .send(method, &self.url(repo, &format!("manifests/{reference}")), repo, headers)
+            .send(
+                method,
+                &self.url(repo, &format!("manifests/{reference}")),
+                repo,
+                headers,
+            )
             .await?;
         let resp = self.expect_success(resp)?;
         let headers = resp.headers();
         let media_type = header_str(headers, header::CONTENT_TYPE).map(str::to_owned);
         let digest = match header_str(headers, "docker-content-digest") {
-            Some(d) => Some(d.parse::<Digest>().map_err(|e| self.invalid(format!("Docker-Content-Digest: {e}")))?),
+            Some(d) => Some(
+                d.parse::<Digest>()
+                    .map_err(|e| self.invalid(format!("Docker-Content-Digest: {e}")))?,
+            ),
             None => None,
         };
         let length = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse().ok());
-        let body = if is_get { Some(self.read_capped(resp, limit).await?) } else { None };
+        let body = if is_get {
+            Some(self.read_capped(resp, limit).await?)
+        } else {
+            None
+        };
         Ok(ManifestResponse {
             media_type,
             digest,
@@ -180,14 +210,25 @@ impl Upstream {
 
     /// Starts a blob download at byte `offset` (a resume when non-zero). The response is 200,
     /// or 206 when resuming.
-    pub async fn blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<reqwest::Response, Error> {
+    pub async fn blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, Error> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
-            let range = HeaderValue::from_str(&format!("bytes={offset}-")).expect("digits are a valid header value");
+            let range = HeaderValue::from_str(&format!("bytes={offset}-"))
+                .expect("digits are a valid header value");
             headers.insert(header::RANGE, range);
         }
         let resp = self
-            .send(Method::GET, &self.url(repo, &format!("blobs/{digest}")), repo, headers)
+            .send(
+                Method::GET,
+                &self.url(repo, &format!("blobs/{digest}")),
+                repo,
+                headers,
+            )
             .await?;
         let resp = self.expect_success(resp)?;
         if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
@@ -201,7 +242,9 @@ impl Upstream {
     /// not read.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let resp = self.send(Method::HEAD, &url, repo, HeaderMap::new()).await?;
+        let resp = self
+            .send(Method::HEAD, &url, repo, HeaderMap::new())
+            .await?;
         let resp = if resp.status() == StatusCode::NOT_FOUND {
             self.send(Method::GET, &url, repo, HeaderMap::new()).await?
         } else {
@@ -214,12 +257,22 @@ impl Upstream {
     }
 
     /// A small document passed through (tag list, referrers), with allowed query parameters.
-    pub async fn raw(&self, repo: &RepoName, rest: &str, query: &[(&str, String)], limit: u64) -> Result<RawResponse, Error> {
-        let mut url = reqwest::Url::parse(&self.url(repo, rest)).map_err(|e| Error::Config(e.to_string()))?;
+    pub async fn raw(
+        &self,
+        repo: &RepoName,
+        rest: &str,
+        query: &[(&str, String)],
+        limit: u64,
+    ) -> Result<RawResponse, Error> {
+        let mut url =
+            reqwest::Url::parse(&self.url(repo, rest)).map_err(|e| Error::Config(e.to_string()))?;
         if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+            url.query_pairs_mut()
+                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
         }
-        let resp = self.send(Method::GET, url.as_str(), repo, HeaderMap::new()).await?;
+        let resp = self
+            .send(Method::GET, url.as_str(), repo, HeaderMap::new())
+            .await?;
         let resp = self.expect_success(resp)?;
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
         let link = resp.headers().get(header::LINK).cloned();
@@ -261,7 +314,11 @@ impl Upstream {
     }
 
     /// Reads a whole body, refusing anything over `limit` bytes without buffering past it.
-    pub async fn read_capped(&self, mut resp: reqwest::Response, limit: u64) -> Result<Bytes, Error> {
+    pub async fn read_capped(
+        &self,
+        mut resp: reqwest::Response,
+        limit: u64,
+    ) -> Result<Bytes, Error> {
         if resp.content_length().is_some_and(|l| l > limit) {
             return Err(Error::TooLarge {
                 upstream: self.name.clone(),
@@ -282,7 +339,11 @@ impl Upstream {
     }
 
     pub fn body_error(&self, source: reqwest::Error) -> Error {
-        let kind = if source.is_timeout() { "timeout" } else { "body" };
+        let kind = if source.is_timeout() {
+            "timeout"
+        } else {
+            "body"
+        };
         self.metrics
             .upstream_errors
             .with_label_values(&[self.name.as_str(), kind])
@@ -295,13 +356,22 @@ impl Upstream {
 
     /// Sends an idempotent request: answers one authentication challenge, retries connection
     /// errors and 5xx with doubling backoff, and returns the last response whatever its status.
-    async fn send(&self, method: Method, url: &str, repo: &RepoName, headers: HeaderMap) -> Result<reqwest::Response, Error> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &RepoName,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
         let scope = format!("repository:{repo}:pull");
         let mut attempt = 0;
         let mut answered_challenge = false;
         loop {
             attempt += 1;
-            let mut request = self.http.request(method.clone(), url).headers(headers.clone());
+            let mut request = self
+                .http
+                .request(method.clone(), url)
+                .headers(headers.clone());
             if let Some(auth) = self.authorization(&scope, false).await? {
                 request = request.header(header::AUTHORIZATION, auth);
             }
@@ -314,7 +384,11 @@ impl Upstream {
             let resp = match result {
                 Ok(resp) => resp,
                 Err(source) => {
-                    let kind = if source.is_timeout() { "timeout" } else { "connect" };
+                    let kind = if source.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connect"
+                    };
                     self.count(&method, "error");
                     self.metrics
                         .upstream_errors
@@ -396,7 +470,10 @@ impl Upstream {
                     && let Some(token) = self.tokens.get(scope).await
                     && token.expires_at > Instant::now()
                 {
-                    return Ok(Some(secret_header(&format!("Bearer {}", token.value.expose()))));
+                    return Ok(Some(secret_header(&format!(
+                        "Bearer {}",
+                        token.value.expose()
+                    ))));
                 }
                 let token = self.fetch_token(&realm, service.as_deref(), scope).await?;
                 let value = secret_header(&format!("Bearer {}", token.value.expose()));
@@ -409,11 +486,19 @@ impl Upstream {
     fn basic(&self) -> Option<String> {
         self.credentials.as_ref().map(|(user, password)| {
             let raw = format!("{user}:{}", password.expose());
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
         })
     }
 
-    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<Token, Error> {
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, Error> {
         let token_error = |reason: String| {
             self.metrics
                 .upstream_errors
@@ -424,9 +509,12 @@ impl Upstream {
                 reason,
             }
         };
-        let mut url = reqwest::Url::parse(realm).map_err(|_| token_error("the challenge's realm is not a URL".into()))?;
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|_| token_error("the challenge's realm is not a URL".into()))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(token_error("the challenge's realm is not an http(s) URL".into()));
+            return Err(token_error(
+                "the challenge's realm is not an http(s) URL".into(),
+            ));
         }
         {
             let mut query = url.query_pairs_mut();
@@ -450,8 +538,8 @@ impl Upstream {
             return Err(token_error(format!("answered {}", resp.status())));
         }
         let body = self.read_capped(resp, 1 << 20).await?;
-        let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|_| token_error("the token response is not JSON".into()))?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|_| token_error("the token response is not JSON".into()))?;
         parsed
             .into_token(Instant::now())
             .ok_or_else(|| token_error("the token response has no token".into()))

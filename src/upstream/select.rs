@@ -66,10 +66,16 @@ impl Upstreams {
     }
 
     /// The upstream and the repository name to ask it for.
-    pub fn select(&self, ns: Option<&str>, name: &ImageName) -> Result<(Arc<Upstream>, RepoName), SelectError> {
+    pub fn select(
+        &self,
+        ns: Option<&str>,
+        name: &ImageName,
+    ) -> Result<(Arc<Upstream>, RepoName), SelectError> {
         let (upstream, repo) = match ns {
             Some(ns) => {
-                let host = ns.parse::<RegistryHost>().map_err(|_| SelectError::BadNamespace)?;
+                let host = ns
+                    .parse::<RegistryHost>()
+                    .map_err(|_| SelectError::BadNamespace)?;
                 let repo = name.whole.clone().ok_or(SelectError::NameInvalid)?;
                 (self.get(host)?, repo)
             }
@@ -106,24 +112,46 @@ upstreams:
 
     fn pick(u: &Upstreams, ns: Option<&str>, name: &str) -> Result<(String, String), SelectError> {
         let name: ImageName = name.parse().expect("valid name");
-        u.select(ns, &name).map(|(up, repo)| (up.name().to_string(), repo.to_string()))
+        u.select(ns, &name)
+            .map(|(up, repo)| (up.name().to_string(), repo.to_string()))
     }
 
     #[test]
     fn ns_wins_then_prefix_then_default() {
         let u = upstreams();
         let pair = |a: &str, b: &str| Ok((a.to_string(), b.to_string()));
-        assert_eq!(pick(&u, Some("ghcr.io"), "org/app"), pair("ghcr.io", "org/app"));
-        assert_eq!(pick(&u, Some("docker.io"), "alpine"), pair("docker.io", "library/alpine"));
-        assert_eq!(pick(&u, Some("index.docker.io"), "alpine"), pair("docker.io", "library/alpine"));
-        assert_eq!(pick(&u, None, "ghcr.io/org/app"), pair("ghcr.io", "org/app"));
+        assert_eq!(
+            pick(&u, Some("ghcr.io"), "org/app"),
+            pair("ghcr.io", "org/app")
+        );
+        assert_eq!(
+            pick(&u, Some("docker.io"), "alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            pick(&u, Some("index.docker.io"), "alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            pick(&u, None, "ghcr.io/org/app"),
+            pair("ghcr.io", "org/app")
+        );
         assert_eq!(
             pick(&u, None, "registry.example.com:5000/team/app"),
             pair("registry.example.com:5000", "team/app")
         );
-        assert_eq!(pick(&u, None, "alpine"), pair("docker.io", "library/alpine"));
-        assert_eq!(pick(&u, None, "docker.io/alpine"), pair("docker.io", "library/alpine"));
-        assert_eq!(pick(&u, Some("ghcr.io"), "my.org/app"), pair("ghcr.io", "my.org/app"));
+        assert_eq!(
+            pick(&u, None, "alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            pick(&u, None, "docker.io/alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            pick(&u, Some("ghcr.io"), "my.org/app"),
+            pair("ghcr.io", "my.org/app")
+        );
     }
 
     #[test]
@@ -137,7 +165,13 @@ upstreams:
             pick(&u, None, "evil.example:80/org/app"),
             Err(SelectError::NotConfigured("evil.example:80".into()))
         );
-        assert_eq!(pick(&u, Some("not a host"), "org/app"), Err(SelectError::BadNamespace));
-        assert_eq!(pick(&u, Some("ghcr.io"), "localhost:5000/app"), Err(SelectError::NameInvalid));
+        assert_eq!(
+            pick(&u, Some("not a host"), "org/app"),
+            Err(SelectError::BadNamespace)
+        );
+        assert_eq!(
+            pick(&u, Some("ghcr.io"), "localhost:5000/app"),
+            Err(SelectError::NameInvalid)
+        );
     }
 }
