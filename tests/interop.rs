@@ -32,7 +32,7 @@ use containerd::{Containerd, write_hosts_dir};
 use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
-use mirror::{Mirror, metric_sum};
+use mirror::{DefaultUpstream, Mirror, metric_sum};
 use registry::{Registry, Tls};
 use skopeo::{Skopeo, Source};
 
@@ -122,13 +122,15 @@ impl World {
         self.dir.path().join(name)
     }
 
-    fn start_mirror(&self, run: &str) -> Mirror {
+    fn start_mirror(&self, run: &str, default_upstream: DefaultUpstream) -> Mirror {
+        let cache = self.path("cache");
         Mirror::start(
             self.dir.path(),
             run,
-            &self.path("cache"),
+            &cache,
             &self.registry,
             &self.tls,
+            default_upstream,
         )
     }
 
@@ -152,7 +154,7 @@ impl World {
 #[test]
 fn skopeo_pulls_images_and_indexes_through_the_mirror() {
     let world = World::new();
-    let mirror = world.start_mirror("first");
+    let mirror = world.start_mirror("first", DefaultUpstream::Registry);
     let (skopeo, pushed) = (&world.skopeo, &world.pushed);
     let through = Source::Mirror(&mirror);
     let upstream = Source::Registry(&world.registry, &world.tls);
@@ -237,10 +239,11 @@ fn skopeo_pulls_images_and_indexes_through_the_mirror() {
 #[test]
 fn containerd_pulls_through_a_hosts_toml_mirror() {
     let mut world = World::new();
-    let mirror = world.start_mirror("first");
+    let mirror = world.start_mirror("first", DefaultUpstream::Decoy);
     let hosts_dir = write_hosts_dir(&world.path("certs.d"), &world.registry, &mirror);
     let pushed = &world.pushed;
-    // containerd names the registry in the image reference; the mirror learns it from `?ns=`.
+    // containerd names the registry in the image reference and sends it as `?ns=`; the
+    // mirror's default upstream is a decoy, so only routing by `ns` reaches the registry.
     let images = [
         (
             format!("{}/{NAME}:v1", world.registry.addr),
@@ -261,12 +264,17 @@ fn containerd_pulls_through_a_hosts_toml_mirror() {
     for (reference, digest) in &images {
         containerd.pull(&hosts_dir, reference, "linux/amd64");
         assert_eq!(
-            &&containerd.image_digest(reference),
-            digest,
+            &containerd.image_digest(reference),
+            *digest,
             "ctr pulled another {reference}"
         );
     }
     assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let metrics = mirror.metrics();
+    assert!(
+        metric_sum(&metrics, "regcache_upstream_requests_total") > 0.0,
+        "regcache counted no upstream requests:\n{metrics}"
+    );
 
     let seen = &world.registry.requests()[seen_before..];
     let around_the_mirror: Vec<_> = seen
@@ -305,8 +313,8 @@ fn containerd_pulls_through_a_hosts_toml_mirror() {
     for (reference, digest) in &images {
         containerd.pull(&hosts_dir, reference, "linux/amd64");
         assert_eq!(
-            &&containerd.image_digest(reference),
-            digest,
+            &containerd.image_digest(reference),
+            *digest,
             "ctr pulled another {reference}"
         );
     }
@@ -315,7 +323,7 @@ fn containerd_pulls_through_a_hosts_toml_mirror() {
 #[test]
 fn restarted_mirror_serves_its_cache_without_the_upstream() {
     let mut world = World::new();
-    let mut mirror = world.start_mirror("first");
+    let mut mirror = world.start_mirror("first", DefaultUpstream::Registry);
     let v1 = world.pushed.v1.clone();
     let multi = world.pushed.multi.clone();
     world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "filled-v1", "v1");
@@ -323,7 +331,7 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
 
     mirror.stop();
     world.registry.stop();
-    let mirror = world.start_mirror("restarted");
+    let mirror = world.start_mirror("restarted", DefaultUpstream::Registry);
     let reference = format!("{NAME}@{}", v1.manifest.digest);
     let restored = world.pull_to_layout(&mirror, &reference, "restored-v1", "v1");
     verify_pulled_layout(&restored, "v1", &v1.manifest, &v1.all_blobs());
@@ -335,78 +343,4 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
         &multi.index,
         &World::index_blobs(&multi),
     );
-}
-
-// DEV ONLY: remove before handing over.
-#[test]
-fn dev_direct() {
-    let world = World::new();
-    let upstream = Source::Registry(&world.registry, &world.tls);
-    let pushed = &world.pushed;
-    let dir = world.path("direct-v1");
-    world.skopeo.pull(
-        &upstream,
-        &format!("{NAME}:v1"),
-        &format!("oci:{}:v1", dir.display()),
-    );
-    verify_pulled_layout(&dir, "v1", &pushed.v1.manifest, &pushed.v1.all_blobs());
-    let dir = world.path("direct-multi");
-    world.skopeo.pull(
-        &upstream,
-        &format!("{NAME}:multi"),
-        &format!("oci:{}:multi", dir.display()),
-    );
-    verify_pulled_layout(
-        &dir,
-        "multi",
-        &pushed.multi.index,
-        &World::index_blobs(&pushed.multi),
-    );
-    let dir = world.path("direct-docker");
-    world.skopeo.pull(
-        &upstream,
-        &format!("{NAME}:v1-docker"),
-        &format!("dir:{}", dir.display()),
-    );
-    let layers: Vec<&Descriptor> = pushed.v1.layers.iter().collect();
-    verify_pulled_dir(&dir, &pushed.docker.digest, &layers);
-    let hosts = world.path("certs.d");
-    let host_dir = hosts.join(&world.registry.addr);
-    std::fs::create_dir_all(&host_dir).unwrap();
-    process::write(
-        &host_dir.join("hosts.toml"),
-        format!(
-            "server = \"https://{0}\"\n[host.\"https://{0}\"]\n  ca = \"{1}\"\n  capabilities = [\"pull\", \"resolve\"]\n",
-            world.registry.addr,
-            world.tls.ca_file.display()
-        ),
-    );
-    let containerd = Containerd::start();
-    for (tag, digest) in [
-        ("v1", &pushed.v1.manifest.digest),
-        ("multi", &pushed.multi.index.digest),
-        ("v1-docker", &pushed.docker.digest),
-    ] {
-        let reference = format!("{}/{NAME}:{tag}", world.registry.addr);
-        process::run(
-            containerd
-                .ctr()
-                .args([
-                    "images",
-                    "pull",
-                    "--snapshotter",
-                    "native",
-                    "--platform",
-                    "linux/amd64",
-                    "--user",
-                    "interop:pull-and-push-0",
-                    "--hosts-dir",
-                ])
-                .arg(&hosts)
-                .arg(&reference),
-            process::COMMAND_TIMEOUT,
-        );
-        assert_eq!(&containerd.image_digest(&reference), digest);
-    }
-    assert!(containerd.snapshot_count() > 0);
 }

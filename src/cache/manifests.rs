@@ -108,7 +108,7 @@ impl Cache {
                         Method::HEAD,
                         repo,
                         &digest.to_string(),
-                        &Accept::default(),
+                        &Accept::any_manifest(),
                         self.max_manifest_size,
                     )
                     .await
@@ -125,7 +125,7 @@ impl Cache {
         }
         // A HEAD is answered from the upstream's HEAD; only a GET brings the content home.
         let method = if head { Method::HEAD } else { Method::GET };
-        let accept_all = Accept::default();
+        let accept_all = Accept::any_manifest();
         let resp = upstream
             .manifest(
                 method,

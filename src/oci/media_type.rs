@@ -26,6 +26,17 @@ impl Accept {
         Accept { ranges }
     }
 
+    /// Every manifest kind the mirror can store. A manifest fetched by digest is the same bytes
+    /// whatever the client accepts, but registries (Distribution among them) refuse OCI
+    /// manifests to requests that do not list OCI types.
+    pub fn any_manifest() -> Accept {
+        Accept {
+            ranges: [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_V2, DOCKER_MANIFEST_LIST, "*/*"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
     /// The header lines to forward upstream, preserving the client's order.
     pub fn ranges(&self) -> &[String] {
         &self.ranges

@@ -17,11 +17,12 @@ use crate::registry::Registry;
 const NAMESPACE: &str = "interop";
 
 pub struct Containerd {
-    // Dropped before `dir`: the daemon must be gone before its root is deleted.
+    // Declared before `_dir`: fields drop in order, and the daemon must be gone before its
+    // root is deleted.
     daemon: Daemon,
     ctr: PathBuf,
     socket: PathBuf,
-    /// Held for its drop, which deletes root, state and socket.
+    /// Held for its drop, which deletes the root, state and socket.
     _dir: TempDir,
 }
 
@@ -79,7 +80,7 @@ impl Containerd {
         containerd
     }
 
-    pub fn ctr(&self) -> std::process::Command {
+    fn ctr(&self) -> std::process::Command {
         let mut cmd = command(&self.ctr);
         cmd.arg("--address")
             .arg(&self.socket)
@@ -120,7 +121,8 @@ impl Containerd {
             .unwrap_or_else(|| panic!("`ctr images ls` does not list {reference}:\n{listing}"))
     }
 
-    /// Whether the pull left unpacked layers in the snapshotter (ctr unpacks after fetching).
+    /// How many snapshots the native snapshotter holds: ctr unpacks what it pulls, so layers
+    /// that arrived whole and matched their config's diff_ids show up here.
     pub fn snapshot_count(&self) -> usize {
         let listing = run(
             self.ctr()

@@ -17,27 +17,48 @@ pub struct Mirror {
     daemon: Daemon,
 }
 
+/// Where the mirror sends requests that name no registry (skopeo, podman and Docker name
+/// none; containerd names one with `?ns=` on every request).
+pub enum DefaultUpstream {
+    /// The test registry.
+    Registry,
+    /// A configured upstream nothing listens on: a request only reaches the registry if the
+    /// mirror routed it there by the registry host the client named.
+    Decoy,
+}
+
+/// An upstream name that no client in the test uses, at an address that refuses connections.
+const DECOY: &str = "decoy.invalid:5000";
+
 impl Mirror {
-    /// Starts regcache with `cache_dir` as its cache and `registry` as its only (and default)
-    /// upstream, authenticating with the registry's credentials and trusting the test CA.
-    /// `run` names this start's config and log, so a restart keeps the first run's log.
+    /// Starts regcache with `cache_dir` as its cache and `registry` as an upstream, authenticating
+    /// with the registry's credentials and trusting the test CA. `run` names this start's config
+    /// and log, so a restart keeps the first run's log.
     pub fn start(
         dir: &Path,
         run: &str,
         cache_dir: &Path,
         registry: &Registry,
         tls: &Tls,
+        default_upstream: DefaultUpstream,
     ) -> Mirror {
+        let default_upstream = match default_upstream {
+            DefaultUpstream::Registry => registry.addr.as_str(),
+            DefaultUpstream::Decoy => DECOY,
+        };
+        // Port 9 (discard) on loopback: nothing listens there, so the decoy fails at once.
         let config = format!(
             "listen: \"127.0.0.1:0\"\n\
              cache:\n  dir: {cache}\n\
-             default_upstream: \"{upstream}\"\n\
+             default_upstream: \"{default_upstream}\"\n\
              upstreams:\n\
              \x20 - name: \"{upstream}\"\n\
              \x20   url: \"https://{upstream}\"\n\
              \x20   username: {USER}\n\
              \x20   password: {PASSWORD}\n\
              \x20   ca_file: {ca}\n\
+             \x20 - name: \"{DECOY}\"\n\
+             \x20   url: \"https://127.0.0.1:9\"\n\
              log:\n  format: json\n  level: info\n",
             cache = cache_dir.display(),
             upstream = registry.addr,
@@ -74,7 +95,7 @@ impl Mirror {
 }
 
 fn binary() -> PathBuf {
-    PathBuf::from(std::env::var("DEV_STANDIN").unwrap_or(env!("CARGO_BIN_EXE_regcache").into())) // DEV ONLY
+    PathBuf::from(env!("CARGO_BIN_EXE_regcache"))
 }
 
 /// `fields.addr` of the line whose `fields.message` is `listening` (tracing-subscriber's JSON).
@@ -90,9 +111,11 @@ fn listening_addr(line: &str) -> Option<String> {
 /// A bare HTTP/1.0 GET: a 1.0 request gets a plain, unchunked body ended by the connection
 /// closing, which is all this needs to read.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr)
+    let timeout = Duration::from_secs(10);
+    let socket = addr.parse().expect("regcache logged a socket address");
+    let mut stream = TcpStream::connect_timeout(&socket, timeout)
         .unwrap_or_else(|e| panic!("cannot connect to regcache at {addr}: {e}"));
-    let timeout = Some(Duration::from_secs(10));
+    let timeout = Some(timeout);
     stream
         .set_read_timeout(timeout)
         .expect("setting a read timeout");
