@@ -31,9 +31,15 @@ impl Accept {
     /// manifests to requests that do not list OCI types.
     pub fn any_manifest() -> Accept {
         Accept {
-            ranges: [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_V2, DOCKER_MANIFEST_LIST, "*/*"]
-                .map(String::from)
-                .to_vec(),
+            ranges: [
+                OCI_MANIFEST,
+                OCI_INDEX,
+                DOCKER_MANIFEST_V2,
+                DOCKER_MANIFEST_LIST,
+                "*/*",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 
