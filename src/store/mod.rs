@@ -235,3 +235,130 @@ fn rename_into_place(tmp: &Path, dest: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_verified_ingest_becomes_readable() {
+        let (_dir, store) = store();
+        let digest = Digest::of(Algorithm::Sha256, b"hello world");
+        let mut ingest = store.begin_ingest(&digest).expect("begin");
+        ingest
+            .append(vec![
+                Bytes::from_static(b"hello "),
+                Bytes::from_static(b"world"),
+            ])
+            .await
+            .expect("append");
+        assert!(
+            store.open_blob(&digest).await.expect("open").is_none(),
+            "not visible before commit"
+        );
+        ingest.commit(Some(11)).await.expect("commit");
+        let blob = store
+            .open_blob(&digest)
+            .await
+            .expect("open")
+            .expect("stored");
+        assert_eq!(blob.size, 11);
+        assert_eq!(store.usage(), (11, 1));
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_or_size_are_never_stored() {
+        let (dir, store) = store();
+        let digest = Digest::of(Algorithm::Sha256, b"expected");
+        let mut ingest = store.begin_ingest(&digest).expect("begin");
+        ingest
+            .append(vec![Bytes::from_static(b"tampered")])
+            .await
+            .expect("append");
+        let err = ingest.commit(Some(8)).await.expect_err("mismatch");
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+
+        let mut ingest = store.begin_ingest(&digest).expect("begin");
+        ingest
+            .append(vec![Bytes::from_static(b"expec")])
+            .await
+            .expect("append");
+        let err = ingest.commit(Some(8)).await.expect_err("short");
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    expected: 8,
+                    actual: 5
+                }
+            ),
+            "{err}"
+        );
+
+        assert!(store.open_blob(&digest).await.expect("open").is_none());
+        let leftovers = std::fs::read_dir(dir.path().join("ingest"))
+            .expect("ingest dir")
+            .count();
+        assert_eq!(leftovers, 0, "failed ingests leave no temp files");
+    }
+
+    #[tokio::test]
+    async fn partial_downloads_are_swept_at_start_and_content_survives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let digest = Digest::of(Algorithm::Sha256, b"{}");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .put_manifest(
+                    &digest,
+                    "application/vnd.oci.image.manifest.v1+json",
+                    Bytes::from_static(b"{}"),
+                )
+                .await
+                .expect("put");
+            let ingest = store.begin_ingest(&digest).expect("begin");
+            // A crash: the temp file stays behind.
+            std::mem::forget(ingest);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .expect("dir")
+                .count(),
+            1
+        );
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .expect("dir")
+                .count(),
+            0
+        );
+        let (media_type, body) = store
+            .get_manifest(&digest)
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(&body[..], b"{}");
+        assert_eq!(store.usage(), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_does_not_hash_to_its_digest_is_refused() {
+        let (_dir, store) = store();
+        let digest = Digest::of(Algorithm::Sha256, b"{}");
+        let err = store
+            .put_manifest(&digest, "x", Bytes::from_static(b"{ }"))
+            .await
+            .expect_err("mismatch");
+        assert!(matches!(err, Error::DigestMismatch { .. }));
+        assert!(store.get_manifest(&digest).await.expect("get").is_none());
+    }
+}
