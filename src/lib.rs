@@ -49,6 +49,7 @@ pub async fn serve(
         .await
         .map_err(store::Error::Task)??;
     let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
+    metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let app = Arc::new(http::App::new(cache, metrics));
     if let Ok(addr) = listener.local_addr() {

@@ -151,6 +151,27 @@ impl Metrics {
         }
     }
 
+    /// Creates every labelled series at zero, so a first event shows as an increase (an alert
+    /// on `increase(...) > 0` sees the first digest mismatch, not a series appearing at 1).
+    pub fn prime<'a>(&self, upstreams: impl IntoIterator<Item = &'a str>) {
+        for kind in ["manifest", "tag", "blob"] {
+            self.cache_hits.with_label_values(&[kind]);
+            self.cache_misses.with_label_values(&[kind]);
+            self.cache_coalesced.with_label_values(&[kind]);
+        }
+        for source in ["cache", "upstream"] {
+            self.served_bytes.with_label_values(&[source]);
+        }
+        for upstream in upstreams {
+            self.stale_served.with_label_values(&[upstream]);
+            self.digest_mismatches.with_label_values(&[upstream]);
+            self.upstream_duration.with_label_values(&[upstream]);
+            for kind in ["connect", "timeout", "body", "status", "token", "invalid"] {
+                self.upstream_errors.with_label_values(&[upstream, kind]);
+            }
+        }
+    }
+
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -159,6 +159,13 @@ impl Fill {
         let span = tracing::info_span!("fill", upstream = %self.flight.upstream.name(), repo = %self.flight.repo, digest = %self.digest);
         let result = tracing::Instrument::instrument(self.download(ingest), span.clone()).await;
         self.metrics.fetches_in_flight.dec();
+        // The blob is in place (or given up): new requests find it in the store (or start a new
+        // download) rather than join this one, which is leaving before it publishes its end.
+        self.flights
+            .map
+            .lock()
+            .expect("flight map lock is never poisoned")
+            .remove(&self.digest);
         let _enter = span.enter();
         match result {
             Ok(size) => {
@@ -191,12 +198,6 @@ impl Fill {
                 self.tx.send_replace(FillState::Failed(Arc::new(e)));
             }
         }
-        // Only now, with the blob in place (or given up), may new requests stop finding the flight.
-        self.flights
-            .map
-            .lock()
-            .expect("flight map lock is never poisoned")
-            .remove(&self.digest);
     }
 
     async fn download(&self, mut ingest: Ingest) -> Result<u64, Error> {

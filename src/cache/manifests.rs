@@ -191,11 +191,21 @@ impl Cache {
                 self.answer_from_record(upstream, repo, &record, head, Outcome::Hit)
                     .await
             }
-            // Moved (or the upstream does not say): fetch what the tag is now.
-            Ok(_) => {
-                self.fetch_tag(upstream, repo, tag, accept, head, true)
-                    .await
-            }
+            // Moved (or the upstream does not say): fetch what the tag is now. If that fetch
+            // fails (Docker Hub rate-limits GETs, not HEADs), the last known digest still serves.
+            Ok(_) => match self
+                .fetch_tag(upstream, repo, tag, accept, head, true)
+                .await
+            {
+                Err(Error::Upstream(e)) => {
+                    tracing::warn!(upstream = %upstream.name(), %repo, %tag, error = %e,
+                        "upstream failed to serve a moved tag; serving the last known digest");
+                    self.answer_from_record(upstream, repo, &record, head, Outcome::Stale)
+                        .await
+                        .map_err(|_| Error::Upstream(e))
+                }
+                other => other,
+            },
             Err(e) if Error::is_not_found(&e) => {
                 self.store.delete_tag(upstream.name(), repo, tag).await?;
                 self.tag_checked.invalidate(&key).await;

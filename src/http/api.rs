@@ -171,6 +171,7 @@ pub async fn blob(
 /// Tag lists and referrers: small documents passed through from the upstream, not cached.
 pub async fn passthrough(
     app: &App,
+    path: &str,
     query: &[(String, String)],
     name: &ImageName,
     rest: &str,
@@ -194,9 +195,57 @@ pub async fn passthrough(
         raw.content_type
             .unwrap_or(HeaderValue::from_static("application/json")),
     );
-    if let Some(link) = raw.link {
+    if let Some(link) = raw
+        .link
+        .and_then(|l| next_page_link(&l, path, query, allowed))
+    {
         h.insert(header::LINK, link);
     }
     h.insert("docker-distribution-api-version", API_VERSION);
     Ok(resp)
+}
+
+/// The upstream's `Link: <...>; rel="next"` names the page by the upstream's repository name;
+/// the client must follow it to this mirror under the name it used, with its `ns` kept, or the
+/// next page would come from another upstream.
+fn next_page_link(
+    link: &HeaderValue,
+    path: &str,
+    query: &[(String, String)],
+    allowed: &[&str],
+) -> Option<HeaderValue> {
+    let link = link.to_str().ok()?;
+    let target = link.split_once('<')?.1.split_once('>')?.0;
+    let upstream_query = target.split_once('?').map_or("", |(_, q)| q);
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query.iter().filter(|(k, _)| !allowed.contains(&k.as_str())) {
+        out.append_pair(k, v);
+    }
+    for (k, v) in form_urlencoded::parse(upstream_query.as_bytes()) {
+        if allowed.contains(&k.as_ref()) {
+            out.append_pair(&k, &v);
+        }
+    }
+    HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", out.finish())).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_page_keeps_the_clients_name_and_ns() {
+        let link =
+            HeaderValue::from_static("</v2/library/alpine/tags/list?last=b&n=2>; rel=\"next\"");
+        let query = vec![
+            ("ns".to_string(), "docker.io".to_string()),
+            ("n".to_string(), "2".to_string()),
+        ];
+        let rewritten =
+            next_page_link(&link, "/v2/alpine/tags/list", &query, &["n", "last"]).expect("link");
+        assert_eq!(
+            rewritten.to_str().expect("ascii"),
+            "</v2/alpine/tags/list?ns=docker.io&last=b&n=2>; rel=\"next\""
+        );
+    }
 }

@@ -136,11 +136,21 @@ async fn dispatch<B>(
             api::blob(app, method, headers, &query, name, digest, log).await?
         }
         Route::Tags { name } => {
-            api::passthrough(app, &query, name, "tags/list", &["n", "last"], log).await?
+            api::passthrough(
+                app,
+                req.uri().path(),
+                &query,
+                name,
+                "tags/list",
+                &["n", "last"],
+                log,
+            )
+            .await?
         }
         Route::Referrers { name, digest } => {
             api::passthrough(
                 app,
+                req.uri().path(),
                 &query,
                 name,
                 &format!("referrers/{digest}"),
