@@ -148,7 +148,7 @@ impl Cache {
         accept: &Accept,
         head: bool,
     ) -> Result<Manifest, Error> {
-        let key = format!("{}\n{}\n{}", upstream.name(), repo, tag);
+        let key = tag_key(upstream, repo, tag);
         let record = match self.store.get_tag(upstream.name(), repo, tag).await {
             None => {
                 return self
@@ -297,7 +297,7 @@ impl Cache {
                 size: manifest.size,
             };
             self.store.put_tag(upstream.name(), repo, tag, &rec).await?;
-            let key = format!("{}\n{}\n{}", upstream.name(), repo, tag);
+            let key = tag_key(upstream, repo, tag);
             self.tag_checked
                 .insert(key, tokio::time::Instant::now())
                 .await;
@@ -404,6 +404,11 @@ fn referenced_digests(body: &[u8]) -> Vec<Digest> {
         .chain(refs.blobs)
         .map(|d| d.digest)
         .collect()
+}
+
+/// The key of a tag's freshness entry.
+fn tag_key(upstream: &Upstream, repo: &RepoName, tag: &Tag) -> String {
+    format!("{}\n{}\n{}", upstream.name(), repo, tag)
 }
 
 fn media_type_of(body: &[u8]) -> Option<String> {
