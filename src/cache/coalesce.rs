@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ use crate::upstream::Upstream;
 
 /// Largest read handed to a client at once.
 pub const READ_CHUNK: usize = 256 * 1024;
+/// Bytes received from the upstream while the previous write is still on its way to disk;
+/// past this the upstream waits (TCP backpressure), so memory stays bounded.
+const MAX_PENDING: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 pub enum FillState {
@@ -200,7 +203,7 @@ impl Fill {
         }
     }
 
-    async fn download(&self, mut ingest: Ingest) -> Result<u64, Error> {
+    async fn download(&self, ingest: Ingest) -> Result<u64, Error> {
         let upstream = &self.flight.upstream;
         let mut resp = upstream
             .blob(&self.flight.repo, &self.digest, 0)
@@ -211,37 +214,44 @@ impl Fill {
             .send_replace(FillState::Filling { size, written: 0 });
         let mut resumes = 0;
         let mut abandoned_since: Option<Instant> = None;
+        let mut slot = Some(ingest);
         loop {
-            match self
-                .stream_into(resp, &mut ingest, &mut abandoned_since)
-                .await
-            {
+            let result = self
+                .stream_into(resp, &mut slot, &mut abandoned_since)
+                .await;
+            let written = slot.as_ref().map_or(0, Ingest::written);
+            match result {
                 Ok(()) => break,
                 Err(Error::Upstream(e))
-                    if resumes + 1 < self.attempts && size.is_none_or(|s| ingest.written() < s) =>
+                    if slot.is_some()
+                        && resumes + 1 < self.attempts
+                        && size.is_none_or(|s| written < s) =>
                 {
                     resumes += 1;
-                    tracing::warn!(error = %e, written = ingest.written(), "upstream body broke off; resuming with a range request");
+                    tracing::warn!(error = %e, written, "upstream body broke off; resuming with a range request");
                     resp = upstream
-                        .blob(&self.flight.repo, &self.digest, ingest.written())
+                        .blob(&self.flight.repo, &self.digest, written)
                         .await
                         .map_err(Error::from_blob_upstream)?;
                 }
                 Err(e) => return Err(e),
             }
         }
+        let ingest = slot.ok_or(Error::FillAbandoned)?;
         let written = ingest.written();
         ingest.commit(size).await?;
         Ok(written)
     }
 
-    /// Copies one upstream response into the ingest file. Chunks already received are batched
-    /// into one write (up to `READ_CHUNK`), so a fast upstream gets large writes while a slow
-    /// one gets each chunk to readers at once.
+    /// Copies one upstream response into the ingest file. One write (and its hashing) runs on a
+    /// blocking thread while the next chunks arrive; they are batched into the following write.
+    /// A fast upstream thus gets large writes overlapping the network, and a slow one gets each
+    /// chunk to readers at once. `slot` holds the ingest whenever no write is running; after an
+    /// error it holds it again (for a resume) unless the write itself failed.
     async fn stream_into(
         &self,
         resp: reqwest::Response,
-        ingest: &mut Ingest,
+        slot: &mut Option<Ingest>,
         abandoned_since: &mut Option<Instant>,
     ) -> Result<(), Error> {
         let size = match &*self.tx.borrow() {
@@ -249,49 +259,59 @@ impl Fill {
             _ => None,
         };
         let mut body = resp.bytes_stream();
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0;
+        let mut writing: Option<tokio::task::JoinHandle<(Ingest, crate::store::Result<u64>)>> =
+            None;
+        let mut ended = false;
+        let mut failure = None;
         loop {
-            let mut batch = Vec::new();
-            let mut batch_len = 0;
-            let mut failure = None;
-            let mut ended = false;
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    batch_len += chunk.len();
-                    batch.push(chunk);
-                }
-                Some(Err(e)) => failure = Some(e),
-                None => ended = true,
-            }
-            while failure.is_none() && !ended && batch_len < READ_CHUNK {
-                match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => {
-                        batch_len += chunk.len();
-                        batch.push(chunk);
-                    }
-                    Some(Some(Err(e))) => failure = Some(e),
-                    Some(None) => ended = true,
-                    None => break,
-                }
-            }
-            // What arrived before a failure is valid, and a resume starts after it.
-            if !batch.is_empty() {
-                let written = ingest.append(batch).await?;
-                self.tx.send_replace(FillState::Filling { size, written });
-            }
-            if let Some(e) = failure {
-                return Err(Error::Upstream(self.flight.upstream.body_error(e)));
-            }
-            if ended {
-                return Ok(());
-            }
-            if self.flight.readers.load(Ordering::Relaxed) == 0 {
-                let since = *abandoned_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > self.fill_timeout {
+            if writing.is_none() && !pending.is_empty() {
+                let Some(mut ingest) = slot.take() else {
                     return Err(Error::FillAbandoned);
-                }
-            } else {
-                *abandoned_since = None;
+                };
+                let batch = std::mem::take(&mut pending);
+                pending_len = 0;
+                writing = Some(tokio::spawn(async move {
+                    let result = ingest.append(batch).await;
+                    (ingest, result)
+                }));
             }
+            if writing.is_none() && (ended || failure.is_some()) {
+                break;
+            }
+            let can_read = !ended && failure.is_none() && pending_len < MAX_PENDING;
+            tokio::select! {
+                done = async { (&mut *writing.as_mut().expect("guarded by the branch condition")).await }, if writing.is_some() => {
+                    writing = None;
+                    let (ingest, result) = done.map_err(crate::store::Error::Task)?;
+                    *slot = Some(ingest);
+                    let written = result?;
+                    self.tx.send_replace(FillState::Filling { size, written });
+                    if self.flight.readers.load(Ordering::Relaxed) == 0 {
+                        let since = *abandoned_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > self.fill_timeout {
+                            return Err(Error::FillAbandoned);
+                        }
+                    } else {
+                        *abandoned_since = None;
+                    }
+                }
+                chunk = body.next(), if can_read => match chunk {
+                    Some(Ok(chunk)) => {
+                        pending_len += chunk.len();
+                        pending.push(chunk);
+                    }
+                    // What arrived before a failure is valid: it is written, and a resume
+                    // starts after it.
+                    Some(Err(e)) => failure = Some(e),
+                    None => ended = true,
+                },
+            }
+        }
+        match failure {
+            Some(e) => Err(Error::Upstream(self.flight.upstream.body_error(e))),
+            None => Ok(()),
         }
     }
 }
