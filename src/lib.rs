@@ -60,7 +60,9 @@ pub async fn serve(
         header_read_timeout: config.server.header_read_timeout,
         shutdown_timeout: config.server.shutdown_timeout,
     };
-    http::server::run(listener, app, limits, shutdown).await;
+    let shutdown_timeout = limits.shutdown_timeout;
+    http::server::run(listener, app.clone(), limits, shutdown).await;
+    app.cache.drain(shutdown_timeout).await;
     Ok(())
 }
 

@@ -40,6 +40,10 @@ impl Cache {
         if let Some(flight) = self.flights.get(digest) {
             self.ensure_linked(upstream, repo, digest, Some(&flight))
                 .await?;
+            if let Some(file) = flight.verified_file() {
+                self.metrics.cache_hits.with_label_values(&["blob"]).inc();
+                return Ok(Blob::Stored(file));
+            }
             if !head {
                 self.metrics
                     .cache_coalesced

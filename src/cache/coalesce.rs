@@ -22,7 +22,7 @@ use tokio::time::{Duration, Instant};
 use super::Error;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
-use crate::store::{Ingest, Store};
+use crate::store::{Ingest, Store, Verified};
 use crate::upstream::Upstream;
 
 /// Largest read handed to a client at once.
@@ -72,6 +72,18 @@ impl Flight {
         }
     }
 
+    /// The file, once its digest has been verified (it may still be on its way into the
+    /// store): such a blob is served like a stored one, ranges included.
+    pub fn verified_file(&self) -> Option<crate::store::BlobFile> {
+        match &*self.state.borrow() {
+            FillState::Done { size } => Some(crate::store::BlobFile {
+                file: self.file.clone(),
+                size: *size,
+            }),
+            _ => None,
+        }
+    }
+
     /// A reader of the blob from the first byte, as it downloads.
     pub fn reader(self: &Arc<Self>, metrics: Arc<Metrics>) -> GrowingReader {
         self.readers.fetch_add(1, Ordering::Relaxed);
@@ -98,6 +110,13 @@ pub struct FillParams {
 }
 
 impl Flights {
+    pub fn is_empty(&self) -> bool {
+        self.map
+            .lock()
+            .expect("flight map lock is never poisoned")
+            .is_empty()
+    }
+
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
         self.map
             .lock()
@@ -162,27 +181,32 @@ impl Fill {
         let span = tracing::info_span!("fill", upstream = %self.flight.upstream.name(), repo = %self.flight.repo, digest = %self.digest);
         let result = tracing::Instrument::instrument(self.download(ingest), span.clone()).await;
         self.metrics.fetches_in_flight.dec();
-        // The blob is in place (or given up): new requests find it in the store (or start a new
-        // download) rather than join this one, which is leaving before it publishes its end.
-        self.flights
-            .map
-            .lock()
-            .expect("flight map lock is never poisoned")
-            .remove(&self.digest);
         let _enter = span.enter();
         match result {
-            Ok(size) => {
-                if let Err(e) = self
-                    .store
-                    .link(self.flight.upstream.name(), &self.flight.repo, &self.digest)
-                    .await
-                {
-                    tracing::error!(error = %e, "could not record the repository link of a stored blob");
-                }
-                tracing::info!(size, "blob stored");
+            Ok((verified, size)) => {
+                // The digest matched: readers may take the last byte now, while the file is
+                // synced and renamed into the store (a crash then costs a refetch, never a
+                // wrong byte).
                 self.tx.send_replace(FillState::Done { size });
+                match verified.persist().await {
+                    Ok(()) => {
+                        if let Err(e) = self
+                            .store
+                            .link(self.flight.upstream.name(), &self.flight.repo, &self.digest)
+                            .await
+                        {
+                            tracing::error!(error = %e, "could not record the repository link of a stored blob");
+                        }
+                        tracing::info!(size, "blob stored");
+                    }
+                    Err(e) => tracing::error!(error = %e, "a verified blob could not be stored"),
+                }
+                self.leave();
             }
             Err(e) => {
+                // Leave before announcing the failure, so a retry starts a new download
+                // instead of joining this one.
+                self.leave();
                 if matches!(
                     e,
                     Error::Store(
@@ -203,7 +227,16 @@ impl Fill {
         }
     }
 
-    async fn download(&self, ingest: Ingest) -> Result<u64, Error> {
+    /// From now on, requests find the blob in the store (or start a new download).
+    fn leave(&self) {
+        self.flights
+            .map
+            .lock()
+            .expect("flight map lock is never poisoned")
+            .remove(&self.digest);
+    }
+
+    async fn download(&self, ingest: Ingest) -> Result<(Verified, u64), Error> {
         let upstream = &self.flight.upstream;
         let mut resp = upstream
             .blob(&self.flight.repo, &self.digest, 0)
@@ -239,8 +272,7 @@ impl Fill {
         }
         let ingest = slot.ok_or(Error::FillAbandoned)?;
         let written = ingest.written();
-        ingest.commit(size).await?;
-        Ok(written)
+        Ok((ingest.verify(size)?, written))
     }
 
     /// Copies one upstream response into the ingest file. One write (and its hashing) runs on a

@@ -105,6 +105,21 @@ impl Cache {
         &self.store
     }
 
+    /// Waits until downloads in progress have been stored (or failed), at most `deadline`, so a
+    /// shutdown does not throw away what clients already received.
+    pub async fn drain(&self, deadline: Duration) {
+        let started = tokio::time::Instant::now();
+        while !self.flights.is_empty() {
+            if started.elapsed() > deadline {
+                tracing::warn!(
+                    "shutdown deadline reached with downloads still in progress; they are discarded"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn max_document_size(&self) -> u64 {
         self.max_manifest_size
     }

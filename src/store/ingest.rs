@@ -85,9 +85,15 @@ impl Ingest {
 
     /// Checks size and digest, syncs, and renames into the store. On any mismatch the file is
     /// removed and nothing is stored.
-    pub async fn commit(mut self, expected_size: Option<u64>) -> Result<()> {
+    pub async fn commit(self, expected_size: Option<u64>) -> Result<()> {
+        self.verify(expected_size)?.persist().await
+    }
+
+    /// Checks size and digest. The bytes are then known good and may be handed out in full;
+    /// they enter the store only with `Verified::persist`.
+    pub fn verify(mut self, expected_size: Option<u64>) -> Result<Verified> {
         let (file, hasher) = self.writer.take().ok_or_else(|| Error::Io {
-            op: "commit (after an earlier failure)",
+            op: "verify (after an earlier failure)",
             path: self.path.clone(),
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
@@ -106,15 +112,29 @@ impl Ingest {
                 actual,
             });
         }
-        let tmp = self.path.clone();
-        let dest = self.store.layout.blob(&self.digest);
+        Ok(Verified { ingest: self, file })
+    }
+}
+
+/// A download whose size and digest matched, not yet in the store.
+pub struct Verified {
+    ingest: Ingest,
+    file: File,
+}
+
+impl Verified {
+    /// Syncs the file and renames it into the store: the commit point.
+    pub async fn persist(mut self) -> Result<()> {
+        let tmp = self.ingest.path.clone();
+        let dest = self.ingest.store.layout.blob(&self.ingest.digest);
+        let file = self.file;
         tokio::task::spawn_blocking(move || {
             file.sync_all().map_err(Error::io("sync", &tmp))?;
             rename_into_place(&tmp, &dest)
         })
         .await??;
-        self.committed = true;
-        self.store.added(self.written);
+        self.ingest.committed = true;
+        self.ingest.store.added(self.ingest.written);
         Ok(())
     }
 }

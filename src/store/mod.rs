@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::oci::Digest;
 
 pub use index::TagRecord;
-pub use ingest::Ingest;
+pub use ingest::{Ingest, Verified};
 use layout::Layout;
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,16 @@ async fn a_restarted_mirror_serves_its_cache_with_the_upstream_gone_and_sweeps_p
         pull_image(mirror.client(), &mirror.url(), "team/app", "v1"),
     )
     .await;
-    let objects_before = mirror.metric("regcache_cache_objects", &[]).await;
+    // The last blob's bytes reach the client as soon as they are verified, a moment before the
+    // file is synced into the store: wait (bounded) for the store to count everything.
+    let mut objects_before = 0.0;
+    for _ in 0..100 {
+        objects_before = mirror.metric("regcache_cache_objects", &[]).await;
+        if objects_before >= before.len() as f64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let bytes_before = mirror.metric("regcache_cache_size_bytes", &[]).await;
     assert!(objects_before >= before.len() as f64);
     mirror.stop().await;

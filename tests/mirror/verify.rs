@@ -12,6 +12,19 @@ use crate::support::fake_upstream::{Content, FakeUpstream, Fault, Image};
 use crate::support::mirror::Mirror;
 
 /// Files under the cache's content store named after `digest`'s hex.
+/// Waits (bounded) until the blob is in the store: a client receives the last verified byte
+/// while the mirror is still syncing the file into place.
+async fn wait_stored(cache: &Path, digest: &str) -> usize {
+    for _ in 0..100 {
+        let copies = stored_copies(cache, digest).len();
+        if copies > 0 {
+            return copies;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    0
+}
+
 fn stored_copies(cache: &Path, digest: &str) -> Vec<PathBuf> {
     let hex = digest.trim_start_matches("sha256:");
     let mut found = Vec::new();
@@ -99,7 +112,7 @@ async fn assert_not_cached_then_recovers(
         "the retry downloads again: nothing was kept"
     );
     assert_eq!(
-        stored_copies(cache, &layer.digest).len(),
+        wait_stored(cache, &layer.digest).await,
         1,
         "now it is stored"
     );
@@ -245,7 +258,7 @@ async fn a_download_reset_midway_is_resumed_with_a_range_request() {
         resume_from > 0 && resume_from <= RESET_AT,
         "the resume starts after the bytes already received: {resume_from}"
     );
-    assert_eq!(stored_copies(dir.path(), &layer.digest).len(), 1);
+    assert_eq!(wait_stored(dir.path(), &layer.digest).await, 1);
     let again = within("a warm GET", get_blob(&mirror, "team/app", &layer.digest)).await;
     assert!(again[..] == layer.bytes[..]);
     assert_eq!(
