@@ -93,6 +93,21 @@ impl Cache {
         Ok(Arc::unwrap_or_clone(manifest))
     }
 
+    /// A stored manifest, from memory when it was read recently: manifests are small and
+    /// immutable, and clients ask for the same few over and over.
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>, Error> {
+        if let Some(hit) = self.recent_manifests.get(digest).await {
+            return Ok(Some(hit));
+        }
+        let stored = self.store.get_manifest(digest).await?;
+        if let Some(m) = &stored {
+            self.recent_manifests
+                .insert(digest.clone(), m.clone())
+                .await;
+        }
+        Ok(stored)
+    }
+
     async fn manifest_by_digest(
         &self,
         upstream: &Arc<Upstream>,
@@ -100,7 +115,7 @@ impl Cache {
         digest: &Digest,
         head: bool,
     ) -> Result<Manifest, Error> {
-        if let Some((media_type, body)) = self.store.get_manifest(digest).await? {
+        if let Some((media_type, body)) = self.stored_manifest(digest).await? {
             if !self.store.is_linked(upstream.name(), repo, digest).await {
                 // Cross-repository rule: confirm this repository has it before serving it.
                 upstream
@@ -243,7 +258,7 @@ impl Cache {
                 outcome,
             });
         }
-        if let Some((media_type, body)) = self.store.get_manifest(&record.digest).await? {
+        if let Some((media_type, body)) = self.stored_manifest(&record.digest).await? {
             return Ok(Manifest {
                 media_type,
                 digest: record.digest.clone(),

@@ -59,12 +59,18 @@ impl Error {
     }
 }
 
+/// Memory for recently served manifests: a few thousand typical ones, small beside the
+/// mirror's footprint.
+const RECENT_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
 pub struct Cache {
     store: Store,
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     flights: Arc<coalesce::Flights>,
     manifest_flights: moka::future::Cache<String, Arc<Manifest>>,
+    /// Recently served manifests (media type, body), bounded by total bytes.
+    recent_manifests: moka::future::Cache<crate::oci::Digest, (String, bytes::Bytes)>,
     /// When each tag was last confirmed with its upstream (`tokio` time, so tests control it).
     tag_checked: moka::future::Cache<String, tokio::time::Instant>,
     tag_ttl: Duration,
@@ -91,6 +97,12 @@ impl Cache {
             metrics,
             flights: Arc::default(),
             manifest_flights: moka::future::Cache::builder().max_capacity(10_000).build(),
+            recent_manifests: moka::future::Cache::builder()
+                .weigher(|_, (media_type, body): &(String, bytes::Bytes)| {
+                    u32::try_from(media_type.len() + body.len()).unwrap_or(u32::MAX)
+                })
+                .max_capacity(RECENT_MANIFEST_BYTES)
+                .build(),
             tag_checked: moka::future::Cache::builder().max_capacity(100_000).build(),
             tag_ttl: config.cache.tag_ttl,
             max_manifest_size: config.cache.max_manifest_size.as_u64(),
