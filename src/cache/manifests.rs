@@ -93,6 +93,14 @@ impl Cache {
         Ok(Arc::unwrap_or_clone(manifest))
     }
 
+    /// The tag was just confirmed with its upstream: trust it for `tag_ttl`.
+    async fn mark_fresh(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) {
+        let key = tag_key(upstream, repo, tag);
+        self.tag_checked
+            .insert(key, tokio::time::Instant::now())
+            .await;
+    }
+
     /// A stored manifest, from memory when it was read recently: manifests are small and
     /// immutable, and clients ask for the same few over and over.
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>, Error> {
@@ -200,9 +208,7 @@ impl Cache {
             .await
         {
             Ok(resp) if resp.digest.as_ref() == Some(&record.digest) => {
-                self.tag_checked
-                    .insert(key, tokio::time::Instant::now())
-                    .await;
+                self.mark_fresh(upstream, repo, tag).await;
                 self.answer_from_record(upstream, repo, &record, head, Outcome::Hit)
                     .await
             }
@@ -312,10 +318,7 @@ impl Cache {
                 size: manifest.size,
             };
             self.store.put_tag(upstream.name(), repo, tag, &rec).await?;
-            let key = tag_key(upstream, repo, tag);
-            self.tag_checked
-                .insert(key, tokio::time::Instant::now())
-                .await;
+            self.mark_fresh(upstream, repo, tag).await;
         }
         Ok(manifest)
     }

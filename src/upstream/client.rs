@@ -389,7 +389,7 @@ impl Upstream {
                     } else {
                         "connect"
                     };
-                    self.count(&method, "error");
+                    self.count("error");
                     self.metrics
                         .upstream_errors
                         .with_label_values(&[self.name.as_str(), kind])
@@ -406,7 +406,7 @@ impl Upstream {
                 }
             };
             let status = resp.status();
-            self.count(&method, status.as_str());
+            self.count(status.as_str());
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
                 answered_challenge = true;
                 let challenge = resp
@@ -432,8 +432,7 @@ impl Upstream {
         }
     }
 
-    fn count(&self, method: &Method, status: &str) {
-        let _ = method;
+    fn count(&self, status: &str) {
         self.metrics
             .upstream_requests
             .with_label_values(&[self.name.as_str(), status])
