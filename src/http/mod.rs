@@ -41,6 +41,15 @@ impl App {
     }
 }
 
+/// What the connection layer knows about the client, carried in each request's extensions.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// The client's address as the socket saw it.
+    pub remote: std::net::SocketAddr,
+    /// The subject of a verified client certificate, when the connection is mutual TLS.
+    pub client_subject: Option<String>,
+}
+
 /// What the request log line reports beyond method and path.
 #[derive(Default)]
 pub struct RequestLog {

@@ -55,8 +55,12 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let app = app.clone();
+            req.extensions_mut().insert(super::ConnInfo {
+                remote: peer,
+                client_subject: None,
+            });
             async move { Ok::<_, std::convert::Infallible>(super::handle(app, req).await) }
         });
         let conn = builder
