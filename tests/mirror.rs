@@ -33,6 +33,8 @@ mod tags;
 mod upstream_errors;
 #[path = "mirror/verify.rs"]
 mod verify;
+#[path = "mirror/wire.rs"]
+mod wire;
 
 use std::future::Future;
 use std::time::Duration;

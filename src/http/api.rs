@@ -107,6 +107,7 @@ pub async fn blob(
     let blob = app.cache.blob(&upstream, &repo, digest, head).await?;
     let mut status = StatusCode::OK;
     let mut content_range = None;
+    let mut region = None;
     let (length, body) = match blob {
         Blob::Stored(file) => {
             log.cache = Some(Outcome::Hit.as_str());
@@ -131,6 +132,11 @@ pub async fn blob(
             let body = if head {
                 body::empty()
             } else {
+                region = Some(body::FileRegion {
+                    file: file.file.clone(),
+                    start,
+                    end,
+                });
                 body::file_range(file.file, start, end, app.metrics.clone())
             };
             (Some(end - start), body)
@@ -150,6 +156,9 @@ pub async fn blob(
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
+    if let Some(region) = region {
+        resp.extensions_mut().insert(region);
+    }
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

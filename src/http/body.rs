@@ -23,6 +23,22 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// Bytes `start..end` of a stored, verified blob, attached to a response's extensions beside its
+/// streaming body. The plain HTTP/1.1 loop (`http1`) sends it with `sendfile(2)` and never polls
+/// the body; hyper (TLS, HTTP/2) ignores it and streams the body.
+#[derive(Clone)]
+pub struct FileRegion {
+    pub file: Arc<File>,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl FileRegion {
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+}
+
 /// Bytes `start..end` of a stored blob.
 pub fn file_range(file: Arc<File>, start: u64, end: u64, metrics: Arc<Metrics>) -> Body {
     let stream = futures_util::stream::unfold(start, move |pos| {

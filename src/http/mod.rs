@@ -5,6 +5,7 @@
 mod api;
 mod body;
 pub mod error;
+mod http1;
 mod range;
 pub mod route;
 pub mod server;

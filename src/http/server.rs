@@ -1,18 +1,17 @@
-//! Accepting connections: HTTP/1.1 and h2c on one plain listener, a cap on concurrent
-//! connections, a header read timeout, and graceful shutdown (stop accepting, let in-flight
-//! responses finish until the deadline, then close what is left).
+//! Accepting connections on the plain listener: a cap on concurrent connections, and graceful
+//! shutdown (stop accepting, close idle connections, let in-flight responses finish until the
+//! deadline, then close what is left). Each connection is served by `http1` (HTTP/1.1, with
+//! `sendfile` for cached blobs; h2c handed to hyper).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::App;
 
@@ -28,12 +27,8 @@ pub async fn run(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let graceful = GracefulShutdown::new();
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -54,20 +49,14 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let app = app.clone();
-            req.extensions_mut().insert(super::ConnInfo {
-                remote: peer,
-                client_subject: None,
-            });
-            async move { Ok::<_, std::convert::Infallible>(super::handle(app, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        let conn = super::http1::serve(
+            stream,
+            peer,
+            app.clone(),
+            limits.header_read_timeout,
+            stop.clone(),
+        );
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -77,8 +66,10 @@ pub async fn run(
     app.ready.store(false, Ordering::Relaxed);
     drop(listener);
     tracing::info!(deadline = ?limits.shutdown_timeout, "shutting down: finishing in-flight requests");
+    stop.cancel();
+    connections.close();
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections finished"),
+        _ = connections.wait() => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(limits.shutdown_timeout) => tracing::warn!("shutdown deadline reached; closing remaining connections"),
     }
 }
