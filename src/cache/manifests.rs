@@ -93,11 +93,11 @@ impl Cache {
         Ok(Arc::unwrap_or_clone(manifest))
     }
 
-    /// The tag was just confirmed with its upstream: trust it for `tag_ttl`.
-    async fn mark_fresh(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) {
+    /// The tag was just confirmed with its upstream as `record`: trust it for `tag_ttl`.
+    async fn mark_fresh(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag, record: TagRecord) {
         let key = tag_key(upstream, repo, tag);
         self.tag_checked
-            .insert(key, tokio::time::Instant::now())
+            .insert(key, (record, tokio::time::Instant::now()))
             .await;
     }
 
@@ -172,6 +172,14 @@ impl Cache {
         head: bool,
     ) -> Result<Manifest, Error> {
         let key = tag_key(upstream, repo, tag);
+        if let Some((record, checked)) = self.tag_checked.get(&key).await
+            && checked.elapsed() < self.tag_ttl
+            && accept.accepts(&record.media_type)
+        {
+            return self
+                .answer_from_record(upstream, repo, &record, head, Outcome::Hit)
+                .await;
+        }
         let record = match self.store.get_tag(upstream.name(), repo, tag).await {
             None => {
                 return self
@@ -187,16 +195,6 @@ impl Cache {
             }
             Some(r) => r,
         };
-        let fresh = self
-            .tag_checked
-            .get(&key)
-            .await
-            .is_some_and(|checked| checked.elapsed() < self.tag_ttl);
-        if fresh {
-            return self
-                .answer_from_record(upstream, repo, &record, head, Outcome::Hit)
-                .await;
-        }
         match upstream
             .manifest(
                 Method::HEAD,
@@ -208,7 +206,7 @@ impl Cache {
             .await
         {
             Ok(resp) if resp.digest.as_ref() == Some(&record.digest) => {
-                self.mark_fresh(upstream, repo, tag).await;
+                self.mark_fresh(upstream, repo, tag, record.clone()).await;
                 self.answer_from_record(upstream, repo, &record, head, Outcome::Hit)
                     .await
             }
@@ -318,7 +316,7 @@ impl Cache {
                 size: manifest.size,
             };
             self.store.put_tag(upstream.name(), repo, tag, &rec).await?;
-            self.mark_fresh(upstream, repo, tag).await;
+            self.mark_fresh(upstream, repo, tag, rec).await;
         }
         Ok(manifest)
     }

@@ -71,8 +71,9 @@ pub struct Cache {
     manifest_flights: moka::future::Cache<String, Arc<Manifest>>,
     /// Recently served manifests (media type, body), bounded by total bytes.
     recent_manifests: moka::future::Cache<crate::oci::Digest, (String, bytes::Bytes)>,
-    /// When each tag was last confirmed with its upstream (`tokio` time, so tests control it).
-    tag_checked: moka::future::Cache<String, tokio::time::Instant>,
+    /// Each tag's record and when it was last confirmed with its upstream (`tokio` time, so
+    /// tests control it): a fresh tag is answered without touching the disk.
+    tag_checked: moka::future::Cache<String, (crate::store::TagRecord, tokio::time::Instant)>,
     tag_ttl: Duration,
     max_manifest_size: u64,
     fill: coalesce::FillParams,
