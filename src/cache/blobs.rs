@@ -19,8 +19,10 @@ pub enum Blob {
         size: Option<u64>,
         started_here: bool,
     },
-    /// A HEAD answered from the upstream without downloading.
+    /// A HEAD answered by the upstream, without downloading.
     Remote { size: u64 },
+    /// A HEAD answered by a download in progress.
+    InFlight { size: u64 },
 }
 
 impl Cache {
@@ -50,6 +52,15 @@ impl Cache {
                     .with_label_values(&["blob"])
                     .inc();
                 return self.follow(flight, false).await;
+            }
+            // A HEAD for a blob that is downloading: the download's size answers it, with no
+            // second request to the upstream (clients HEAD a layer right before they GET it).
+            if let Ok(Some(size)) = flight.size().await {
+                self.metrics
+                    .cache_coalesced
+                    .with_label_values(&["blob"])
+                    .inc();
+                return Ok(Blob::InFlight { size });
             }
         }
         self.metrics.cache_misses.with_label_values(&["blob"]).inc();

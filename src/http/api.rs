@@ -149,6 +149,10 @@ pub async fn blob(
             log.cache = Some(if started_here { "miss" } else { "coalesced" });
             (size, body::growing(reader))
         }
+        Blob::InFlight { size } => {
+            log.cache = Some("coalesced");
+            (Some(size), body::empty())
+        }
         Blob::Remote { size } => {
             log.cache = Some("miss");
             (Some(size), body::empty())

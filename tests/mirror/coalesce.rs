@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use tokio::task::JoinSet;
 
-use super::{cache_dir, mirror_for, within};
+use super::{cache_dir, header, mirror_for, within};
 use crate::support::fake_upstream::{FakeUpstream, Fault, Image};
 use crate::support::mirror::client;
 
@@ -81,4 +81,36 @@ async fn sixteen_concurrent_cold_pulls_of_a_layer_make_one_upstream_download() {
         coalesced >= 1.0,
         "clients that joined the download are counted as coalesced: {coalesced}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_head_for_a_layer_that_is_downloading_is_answered_by_the_download() {
+    let image = Image::new(1, 2 * 1024 * 1024);
+    let layer = image.layers[0].clone();
+    let up = FakeUpstream::builder()
+        .image("team/app", "v1", &image)
+        .fault(Fault::on_blob(&layer.digest).throttle(64 * 1024, Duration::from_millis(10)))
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mirror = mirror_for(&up, &dir).start().await;
+    let path = format!("/v2/team/app/blobs/{}", layer.digest);
+
+    let mut downloading = mirror.get(&path).await;
+    assert_eq!(downloading.status(), StatusCode::OK);
+    within("the first bytes", downloading.chunk())
+        .await
+        .expect("the body starts");
+    let head = mirror.head(&path).await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(layer.size().to_string())
+    );
+    assert_eq!(
+        up.count("HEAD", "/v2/team/app/blobs/"),
+        0,
+        "the HEAD did not reach the upstream"
+    );
+    drop(downloading);
 }
