@@ -59,8 +59,9 @@ impl Ingest {
         self.written
     }
 
-    /// Writes and hashes `chunks` on a blocking thread; on return they are readable through
-    /// `reader()`.
+    /// Writes and hashes `chunks`, each on its own blocking thread so hashing (the costliest
+    /// step of a cold pull) runs beside the write instead of after it; on return they are
+    /// readable through `reader()`.
     pub async fn append(&mut self, chunks: Vec<Bytes>) -> Result<u64> {
         let (mut file, mut hasher) = self.writer.take().ok_or_else(|| Error::Io {
             op: "write (after an earlier failure)",
@@ -68,16 +69,24 @@ impl Ingest {
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
         let path = self.path.clone();
-        let (file, hasher, n) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let to_hash = chunks.clone();
+        let hashing = tokio::task::spawn_blocking(move || {
+            for chunk in &to_hash {
+                hasher.update(chunk);
+            }
+            hasher
+        });
+        let writing = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut n = 0u64;
             for chunk in &chunks {
-                hasher.update(chunk);
                 file.write_all(chunk).map_err(Error::io("write", &path))?;
                 n += chunk.len() as u64;
             }
-            Ok((file, hasher, n))
-        })
-        .await??;
+            Ok((file, n))
+        });
+        let (hashed, written) = tokio::join!(hashing, writing);
+        let hasher = hashed?;
+        let (file, n) = written??;
         self.writer = Some((file, hasher));
         self.written += n;
         Ok(self.written)
