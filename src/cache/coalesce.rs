@@ -366,6 +366,27 @@ impl Drop for GrowingReader {
 impl GrowingReader {
     /// The next chunk, `None` at the verified end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        let region = match self.next_region(READ_CHUNK as u64).await? {
+            Ok(region) => region,
+            Err(e) => return Some(Err(e)),
+        };
+        let len = region.len();
+        let result = read_at(region.file, region.start, len as usize).await;
+        if let Ok(bytes) = &result
+            && (bytes.len() as u64) < len
+        {
+            return Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "download shorter than written",
+            )));
+        }
+        Some(result)
+    }
+
+    /// The next byte range that may be handed out (at most `max` bytes), `None` at the verified
+    /// end, or an error if the fill failed. The range counts as served: the caller sends it whole
+    /// or ends the client's connection.
+    pub async fn next_region(&mut self, max: u64) -> Option<std::io::Result<Region>> {
         loop {
             let (readable, done_size) = match &*self.state.borrow_and_update() {
                 FillState::Starting => (0, None),
@@ -377,16 +398,18 @@ impl GrowingReader {
                 FillState::Failed(e) => return Some(Err(std::io::Error::other(e.to_string()))),
             };
             if self.pos < readable {
-                let len = (readable - self.pos).min(READ_CHUNK as u64) as usize;
-                let result = read_at(self.flight.file.clone(), self.pos, len).await;
-                if let Ok(bytes) = &result {
-                    self.pos += bytes.len() as u64;
-                    self.metrics
-                        .served_bytes
-                        .with_label_values(&["upstream"])
-                        .inc_by(bytes.len() as u64);
-                }
-                return Some(result);
+                let start = self.pos;
+                let end = readable.min(start.saturating_add(max.max(1)));
+                self.pos = end;
+                self.metrics
+                    .served_bytes
+                    .with_label_values(&["upstream"])
+                    .inc_by(end - start);
+                return Some(Ok(Region {
+                    file: self.flight.file.clone(),
+                    start,
+                    end,
+                }));
             }
             if done_size.is_some() {
                 return None;
@@ -395,6 +418,24 @@ impl GrowingReader {
                 return Some(Err(std::io::Error::other("the download stopped")));
             }
         }
+    }
+}
+
+/// Bytes `start..end` of a blob's file (stored, or downloading and already written).
+#[derive(Clone)]
+pub struct Region {
+    pub file: Arc<File>,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Region {
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -108,6 +108,7 @@ pub async fn blob(
     let mut status = StatusCode::OK;
     let mut content_range = None;
     let mut region = None;
+    let mut growing = None;
     let (length, body) = match blob {
         Blob::Stored(file) => {
             log.cache = Some(Outcome::Hit.as_str());
@@ -147,7 +148,9 @@ pub async fn blob(
             started_here,
         } => {
             log.cache = Some(if started_here { "miss" } else { "coalesced" });
-            (size, body::growing(reader))
+            let (body, file) = body::growing(reader);
+            growing = Some(file);
+            (size, body)
         }
         Blob::InFlight { size } => {
             log.cache = Some("coalesced");
@@ -162,6 +165,9 @@ pub async fn blob(
     *resp.status_mut() = status;
     if let Some(region) = region {
         resp.extensions_mut().insert(region);
+    }
+    if let Some(growing) = growing {
+        resp.extensions_mut().insert(growing);
     }
     let h = resp.headers_mut();
     h.insert(

@@ -2,13 +2,13 @@
 //! download in progress. A blob is never collected in memory.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::Frame;
 
-use crate::cache::coalesce::{GrowingReader, READ_CHUNK, read_at};
+use crate::cache::coalesce::{GrowingReader, READ_CHUNK, Region, read_at};
 use crate::metrics::Metrics;
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -26,16 +26,17 @@ pub fn empty() -> Body {
 /// Bytes `start..end` of a stored, verified blob, attached to a response's extensions beside its
 /// streaming body. The plain HTTP/1.1 loop (`http1`) sends it with `sendfile(2)` and never polls
 /// the body; hyper (TLS, HTTP/2) ignores it and streams the body.
-#[derive(Clone)]
-pub struct FileRegion {
-    pub file: Arc<File>,
-    pub start: u64,
-    pub end: u64,
-}
+pub type FileRegion = Region;
 
-impl FileRegion {
-    pub fn len(&self) -> u64 {
-        self.end.saturating_sub(self.start)
+/// A download in progress, attached to a response's extensions beside its streaming body; both
+/// share one reader, and whichever takes it first serves the client (`http1` with `sendfile` of
+/// each newly written range, hyper by polling the body).
+#[derive(Clone)]
+pub struct GrowingFile(Arc<Mutex<Option<GrowingReader>>>);
+
+impl GrowingFile {
+    pub fn take(&self) -> Option<GrowingReader> {
+        self.0.lock().ok()?.take()
     }
 }
 
@@ -72,14 +73,23 @@ pub fn file_range(file: Arc<File>, start: u64, end: u64, metrics: Arc<Metrics>) 
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// A blob as it downloads; ends with an error (never a clean end) if the download fails.
-pub fn growing(reader: GrowingReader) -> Body {
-    let stream = futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match reader.next_chunk().await? {
-            Ok(bytes) => Some((Ok(Frame::data(bytes)), Some(reader))),
-            Err(e) => Some((Err(e), None)),
+/// A blob as it downloads, and the handle that lets `http1` send it by `sendfile` instead; the
+/// body ends with an error (never a clean end) if the download fails.
+pub fn growing(reader: GrowingReader) -> (Body, GrowingFile) {
+    let slot = GrowingFile(Arc::new(Mutex::new(Some(reader))));
+    let taker = slot.clone();
+    let stream = futures_util::stream::unfold(None, move |reader: Option<GrowingReader>| {
+        let taker = taker.clone();
+        async move {
+            let mut reader = match reader {
+                Some(r) => r,
+                None => taker.take()?,
+            };
+            match reader.next_chunk().await? {
+                Ok(bytes) => Some((Ok(Frame::data(bytes)), Some(reader))),
+                Err(e) => Some((Err(e), None)),
+            }
         }
     });
-    StreamBody::new(stream).boxed_unsync()
+    (StreamBody::new(stream).boxed_unsync(), slot)
 }

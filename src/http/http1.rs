@@ -32,8 +32,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{Body, FileRegion};
+use super::body::{Body, FileRegion, GrowingFile};
 use super::{App, ConnInfo};
+use crate::cache::coalesce::GrowingReader;
 
 /// Largest request head accepted (request line and headers); larger gets 431.
 const MAX_HEAD: usize = 64 * 1024;
@@ -249,6 +250,9 @@ enum Framing {
     /// HEAD, 1xx, 204, 304: headers only.
     None,
     File(FileRegion),
+    /// A download in progress, sent range by range as it is written; chunked when its size is
+    /// not known yet.
+    Growing(GrowingReader, Option<u64>),
     Length(u64),
     Chunked,
     /// Unknown length to an HTTP/1.0 client: the end of the connection ends the body.
@@ -277,6 +281,21 @@ async fn write_response(
     } else if let Some(region) = parts.extensions.remove::<FileRegion>() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(region.len()));
         Framing::File(region)
+    } else if let Some(reader) = (version == Version::HTTP_11 || declared_length(headers).is_some())
+        .then(|| parts.extensions.remove::<GrowingFile>())
+        .flatten()
+        .and_then(|g| g.take())
+    {
+        match declared_length(headers) {
+            Some(n) => Framing::Growing(reader, Some(n)),
+            None => {
+                headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+                Framing::Growing(reader, None)
+            }
+        }
     } else if let Some(n) = http_body::Body::size_hint(&body).exact() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         Framing::Length(n)
@@ -319,7 +338,35 @@ async fn write_response(
         }
         Framing::File(region) => {
             stream.write_all(out).await?;
-            send_file(stream, &region, app).await?;
+            send_file(stream, &region, app, "cache").await?;
+        }
+        Framing::Growing(mut reader, length) => {
+            stream.write_all(out).await?;
+            out.clear();
+            let chunked = length.is_none();
+            let mut sent = 0u64;
+            while let Some(region) = reader.next_region(MAX_SENDFILE).await {
+                // A failed download ends the connection without a clean end of body.
+                let region = region?;
+                if chunked {
+                    stream
+                        .write_all(format!("{:x}\r\n", region.len()).as_bytes())
+                        .await?;
+                }
+                send_file(stream, &region, app, "").await?;
+                if chunked {
+                    stream.write_all(b"\r\n").await?;
+                }
+                sent += region.len();
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            } else if length != Some(sent) {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "download ended before its announced size",
+                ));
+            }
         }
         Framing::Length(n) => {
             let written = write_body(stream, out, &mut body, false).await?;
@@ -408,12 +455,19 @@ async fn write_body(
     Ok(written)
 }
 
-/// Sends a stored blob's byte range with `sendfile(2)`: the kernel moves the pages from the page
-/// cache to the socket, and no buffer of ours holds them.
-async fn send_file(stream: &TcpStream, region: &FileRegion, app: &App) -> io::Result<()> {
+/// Sends a byte range of a blob's file with `sendfile(2)`: the kernel moves the pages from the
+/// page cache to the socket, and no buffer of ours holds them. Counts the bytes as served from
+/// `source` (`cache`), unless the caller counted them already (empty `source`).
+async fn send_file(
+    stream: &TcpStream,
+    region: &FileRegion,
+    app: &App,
+    source: &str,
+) -> io::Result<()> {
     let socket = stream.as_raw_fd();
     let file = region.file.as_raw_fd();
-    let served = app.metrics.served_bytes.with_label_values(&["cache"]);
+    let served =
+        (!source.is_empty()).then(|| app.metrics.served_bytes.with_label_values(&[source]));
     let mut offset = libc::off_t::try_from(region.start)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
     let mut left = region.len();
@@ -439,7 +493,9 @@ async fn send_file(stream: &TcpStream, region: &FileRegion, app: &App) -> io::Re
                 ));
             }
             Ok(n) => {
-                served.inc_by(n);
+                if let Some(served) = &served {
+                    served.inc_by(n);
+                }
                 left -= n.min(left);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
