@@ -22,6 +22,9 @@ enum Command {
         /// listen on 127.0.0.1:5000, cache in ./regcache-data, Docker Hub upstream.
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
+        /// Serve only what is cached and never contact an upstream (the config's `offline`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Check a config file and print the effective settings (credentials masked).
     CheckConfig {
@@ -33,9 +36,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { config, offline } => {
             let config = match regcache::config::Config::load(config.as_deref()) {
-                Ok(c) => c,
+                Ok(c) => regcache::config::Config {
+                    offline: c.offline || offline,
+                    ..c
+                },
                 Err(e) => {
                     eprintln!("regcache: {e}");
                     return ExitCode::from(2);

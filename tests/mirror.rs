@@ -19,6 +19,8 @@ mod coalesce;
 mod cross_repo;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
+#[path = "mirror/offline.rs"]
+mod offline;
 #[path = "mirror/passthrough.rs"]
 mod passthrough;
 #[path = "mirror/pull.rs"]

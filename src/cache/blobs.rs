@@ -32,6 +32,9 @@ impl Cache {
         digest: &Digest,
         head: bool,
     ) -> Result<Blob, Error> {
+        if upstream.is_offline() && !self.store.is_linked(upstream.name(), repo, digest).await {
+            return Err(Error::BlobUnknown);
+        }
         if let Some(file) = self.store.open_blob(digest).await? {
             self.ensure_linked(upstream, repo, digest, None).await?;
             self.metrics.cache_hits.with_label_values(&["blob"]).inc();
@@ -51,6 +54,10 @@ impl Cache {
                     .inc();
                 return self.follow(flight, false).await;
             }
+        }
+        if upstream.is_offline() {
+            // Linked, but the content is gone (removed by hand or evicted).
+            return Err(Error::BlobUnknown);
         }
         self.metrics.cache_misses.with_label_values(&["blob"]).inc();
         if head {

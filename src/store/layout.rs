@@ -62,7 +62,11 @@ impl Layout {
     }
 
     pub fn tag(&self, upstream: &RegistryHost, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.repo(upstream, repo).join("_tags").join(tag.as_str())
+        self.tags_dir(upstream, repo).join(tag.as_str())
+    }
+
+    pub fn tags_dir(&self, upstream: &RegistryHost, repo: &RepoName) -> PathBuf {
+        self.repo(upstream, repo).join("_tags")
     }
 }
 
