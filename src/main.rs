@@ -1,10 +1,14 @@
 //! The `regcache` command: parses arguments, loads the config, starts logging, and hands over
 //! to the library.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use regcache::airgap;
+use regcache::config::Config;
 
 /// A pull-through caching mirror for OCI and Docker registries.
 #[derive(Parser)]
@@ -31,50 +35,150 @@ enum Command {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Pull whole images into the cache (for an air-gapped site, or to warm a mirror).
+    ///
+    /// Each image's manifests, every child of an index (or the chosen --platforms), its config
+    /// and layers are downloaded from the configured upstreams and verified, as a pull through
+    /// the mirror would; what is already cached is skipped. Tags are recorded, so they resolve
+    /// when the upstream is offline.
+    Seed {
+        /// Images such as docker.io/library/nginx:1.27 or ghcr.io/org/app@sha256:...
+        images: Vec<String>,
+        /// A file of image references, one a line (# comments allowed).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// Keep only this platform of an index (os/arch[/variant]); repeatable. Default: all.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Pin what is seeded, so cache eviction never removes it.
+        #[arg(long)]
+        pin: bool,
+        /// Downloads at once.
+        #[arg(long, short, default_value_t = 4)]
+        jobs: usize,
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, offline } => {
-            let config = match regcache::config::Config::load(config.as_deref()) {
-                Ok(c) => regcache::config::Config {
-                    offline: c.offline || offline,
-                    ..c
-                },
-                Err(e) => {
-                    eprintln!("regcache: {e}");
-                    return ExitCode::from(2);
-                }
+            let Some(config) = load(config.as_deref(), false) else {
+                return ExitCode::from(2);
             };
-            regcache::telemetry::init(&config.log);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("regcache: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let config = Config {
+                offline: config.offline || offline,
+                ..config
             };
-            match runtime.block_on(regcache::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "regcache stopped");
-                    eprintln!("regcache: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run(regcache::run(config))
         }
-        Command::CheckConfig { config } => {
-            match regcache::config::Config::load(config.as_deref()) {
-                Ok(c) => {
-                    println!("{c:#?}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("regcache: {e}");
-                    ExitCode::from(2)
-                }
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!("{c:#?}");
+                ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("regcache: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Seed {
+            mut images,
+            file,
+            platforms,
+            pin,
+            jobs,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(async move {
+                if let Some(file) = file {
+                    images.extend(airgap::read_image_list(&file)?);
+                }
+                if images.is_empty() {
+                    return Err(usage("name at least one image, or --file"));
+                }
+                let platforms = platforms
+                    .iter()
+                    .map(|p| p.parse())
+                    .collect::<Result<Vec<_>, _>>()?;
+                let options = airgap::SeedOptions {
+                    platforms,
+                    pin,
+                    jobs,
+                };
+                let cache = regcache::open_cache(&config).await?;
+                let report = airgap::seed(&cache, &images, &options, &*progress()).await?;
+                println!("{report}");
+                finish(report.failures)
+            })
         }
+    }
+}
+
+/// Loads the config; a command-line workflow logs warnings only, so progress stays readable.
+fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => {
+            let mut log = c.log.clone();
+            if quiet {
+                log.level = "warn".into();
+            }
+            regcache::telemetry::init(&log);
+            Some(c)
+        }
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            None
+        }
+    }
+}
+
+fn run(work: impl Future<Output = Result<(), regcache::Error>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("regcache: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "regcache stopped");
+            eprintln!("regcache: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(reason: &str) -> regcache::Error {
+    regcache::Error::Airgap(airgap::Error::Usage(reason.to_owned()))
+}
+
+/// Progress bars on a terminal, plain lines otherwise.
+fn progress() -> Box<dyn airgap::Progress> {
+    if std::io::stderr().is_terminal() {
+        Box::new(airgap::Bars::default())
+    } else {
+        Box::new(airgap::Lines::default())
+    }
+}
+
+/// Lists the images that failed; any failure fails the command.
+fn finish(failures: Vec<String>) -> Result<(), regcache::Error> {
+    for f in &failures {
+        eprintln!("failed: {f}");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(regcache::Error::Airgap(airgap::Error::Failed {
+            failed: failures.len(),
+        }))
     }
 }

@@ -29,6 +29,8 @@ mod pull;
 mod restart;
 #[path = "mirror/routing.rs"]
 mod routing;
+#[path = "mirror/seed.rs"]
+mod seed;
 #[path = "mirror/tags.rs"]
 mod tags;
 #[path = "mirror/upstream_errors.rs"]

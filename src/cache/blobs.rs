@@ -78,6 +78,26 @@ impl Cache {
         self.follow(flight, started_here).await
     }
 
+    /// Makes sure `digest` is stored for `repo` (seeding): downloads it through the same
+    /// verified fill as a client's miss, reporting bytes written as they grow. True when it was
+    /// downloaded, false when it was already stored.
+    pub async fn fetch_blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        progress: impl FnMut(u64),
+    ) -> Result<bool, Error> {
+        match self.blob(upstream, repo, digest, false).await? {
+            Blob::Stored(_) => Ok(false),
+            Blob::Filling { mut reader, .. } => {
+                reader.wait_verified(progress).await?;
+                Ok(true)
+            }
+            Blob::Remote { .. } => Err(Error::BlobUnknown),
+        }
+    }
+
     async fn follow(&self, flight: Arc<Flight>, started_here: bool) -> Result<Blob, Error> {
         let reader = flight.reader(self.metrics.clone());
         match flight.size().await {

@@ -9,6 +9,7 @@
 mod index;
 mod ingest;
 pub mod layout;
+mod pins;
 
 use std::fs::File;
 use std::io;
