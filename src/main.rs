@@ -59,6 +59,39 @@ enum Command {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Write cached images as an OCI image layout, to carry across an air gap.
+    ///
+    /// The bundle is a directory, or a tar when --output ends in .tar; its index.json names
+    /// each image by its full reference, so `skopeo copy oci:BUNDLE:REF ...` reads it as well
+    /// as `regcache import`. Reads the cache only; a missing object is an error naming it.
+    Export {
+        /// Images such as docker.io/library/nginx:1.27 or ghcr.io/org/app@sha256:...
+        images: Vec<String>,
+        /// A file of image references, one a line (# comments allowed).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// The bundle to create: a directory, or a tar when the name ends in .tar.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Export only this platform of an index (as seeded with --platform); repeatable.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load a bundle made by `regcache export` (or any OCI layout naming full references).
+    ///
+    /// Every blob's digest and size is checked before anything is stored: a corrupt or
+    /// truncated bundle is refused, naming the offending digest, and nothing is imported.
+    Import {
+        /// The bundle: an OCI image layout directory or a tar of one.
+        bundle: PathBuf,
+        /// Pin what is imported, so cache eviction never removes it.
+        #[arg(long)]
+        pin: bool,
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,6 +148,63 @@ fn main() -> ExitCode {
                 let report = airgap::seed(&cache, &images, &options, &*progress()).await?;
                 println!("{report}");
                 finish(report.failures)
+            })
+        }
+        Command::Export {
+            mut images,
+            file,
+            output,
+            platforms,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(async move {
+                if let Some(file) = file {
+                    images.extend(airgap::read_image_list(&file)?);
+                }
+                if images.is_empty() {
+                    return Err(usage("name at least one image, or --file"));
+                }
+                let platforms = platforms
+                    .iter()
+                    .map(|p| p.parse())
+                    .collect::<Result<Vec<_>, _>>()?;
+                let cache = regcache::open_cache(&config).await?;
+                let options = airgap::ExportOptions { platforms };
+                let report =
+                    airgap::export(&cache, &images, &output, &options, &*progress()).await?;
+                println!(
+                    "exported {} images ({} objects, {}) to {}",
+                    report.images,
+                    report.objects,
+                    bytesize::ByteSize::b(report.bytes),
+                    output.display()
+                );
+                Ok(())
+            })
+        }
+        Command::Import {
+            bundle,
+            pin,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(async move {
+                let cache = regcache::open_cache(&config).await?;
+                let options = airgap::ImportOptions { pin };
+                let report = airgap::import(&cache, &bundle, &options, &*progress()).await?;
+                println!(
+                    "imported {} images ({} objects, {} new, {})",
+                    report.images.len(),
+                    report.objects,
+                    report.new_objects,
+                    bytesize::ByteSize::b(report.bytes)
+                );
+                Ok(())
             })
         }
     }

@@ -13,6 +13,8 @@ mod support;
 mod api;
 #[path = "mirror/auth.rs"]
 mod auth;
+#[path = "mirror/bundle.rs"]
+mod bundle;
 #[path = "mirror/coalesce.rs"]
 mod coalesce;
 #[path = "mirror/cross_repo.rs"]

@@ -10,6 +10,8 @@ mod bundle;
 mod progress;
 mod seed;
 
+pub use bundle::{ExportOptions, ExportReport, ImportOptions, ImportReport, export, import};
+
 use std::path::PathBuf;
 
 use serde::Deserialize;
