@@ -8,6 +8,7 @@
 //!   ingest/<random>.part                  downloads in progress; removed at start-up
 //!   repos/<upstream>/<repo>/_links/<alg>/<hex>   empty: <repo> on <upstream> references <digest>
 //!   repos/<upstream>/<repo>/_tags/<tag>          JSON: the digest and media type <tag> resolved to
+//!   pins/<alg>/<hex>                     empty: <digest> is pinned, never evicted (`pins`)
 //! ```
 //! Repository names cannot start with `_` (spec grammar), so `_links` and `_tags` never collide
 //! with a repository path component.
