@@ -105,7 +105,7 @@ fn main() -> ExitCode {
                 offline: config.offline || offline,
                 ..config
             };
-            run(regcache::run(config))
+            run(regcache::run(config), true)
         }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
@@ -128,27 +128,30 @@ fn main() -> ExitCode {
             let Some(config) = load(config.as_deref(), true) else {
                 return ExitCode::from(2);
             };
-            run(async move {
-                if let Some(file) = file {
-                    images.extend(airgap::read_image_list(&file)?);
-                }
-                if images.is_empty() {
-                    return Err(usage("name at least one image, or --file"));
-                }
-                let platforms = platforms
-                    .iter()
-                    .map(|p| p.parse())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let options = airgap::SeedOptions {
-                    platforms,
-                    pin,
-                    jobs,
-                };
-                let cache = regcache::open_cache(&config).await?;
-                let report = airgap::seed(&cache, &images, &options, &*progress()).await?;
-                println!("{report}");
-                finish(report.failures)
-            })
+            run(
+                async move {
+                    if let Some(file) = file {
+                        images.extend(airgap::read_image_list(&file)?);
+                    }
+                    if images.is_empty() {
+                        return Err(usage("name at least one image, or --file"));
+                    }
+                    let platforms = platforms
+                        .iter()
+                        .map(|p| p.parse())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let options = airgap::SeedOptions {
+                        platforms,
+                        pin,
+                        jobs,
+                    };
+                    let cache = regcache::open_cache(&config).await?;
+                    let report = airgap::seed(&cache, &images, &options, &*progress()).await?;
+                    println!("{report}");
+                    finish(report.failures)
+                },
+                false,
+            )
         }
         Command::Export {
             mut images,
@@ -160,30 +163,33 @@ fn main() -> ExitCode {
             let Some(config) = load(config.as_deref(), true) else {
                 return ExitCode::from(2);
             };
-            run(async move {
-                if let Some(file) = file {
-                    images.extend(airgap::read_image_list(&file)?);
-                }
-                if images.is_empty() {
-                    return Err(usage("name at least one image, or --file"));
-                }
-                let platforms = platforms
-                    .iter()
-                    .map(|p| p.parse())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let cache = regcache::open_cache(&config).await?;
-                let options = airgap::ExportOptions { platforms };
-                let report =
-                    airgap::export(&cache, &images, &output, &options, &*progress()).await?;
-                println!(
-                    "exported {} images ({} objects, {}) to {}",
-                    report.images,
-                    report.objects,
-                    bytesize::ByteSize::b(report.bytes),
-                    output.display()
-                );
-                Ok(())
-            })
+            run(
+                async move {
+                    if let Some(file) = file {
+                        images.extend(airgap::read_image_list(&file)?);
+                    }
+                    if images.is_empty() {
+                        return Err(usage("name at least one image, or --file"));
+                    }
+                    let platforms = platforms
+                        .iter()
+                        .map(|p| p.parse())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let cache = regcache::open_cache(&config).await?;
+                    let options = airgap::ExportOptions { platforms };
+                    let report =
+                        airgap::export(&cache, &images, &output, &options, &*progress()).await?;
+                    println!(
+                        "exported {} images ({} objects, {}) to {}",
+                        report.images,
+                        report.objects,
+                        bytesize::ByteSize::b(report.bytes),
+                        output.display()
+                    );
+                    Ok(())
+                },
+                false,
+            )
         }
         Command::Import {
             bundle,
@@ -193,30 +199,34 @@ fn main() -> ExitCode {
             let Some(config) = load(config.as_deref(), true) else {
                 return ExitCode::from(2);
             };
-            run(async move {
-                let cache = regcache::open_cache(&config).await?;
-                let options = airgap::ImportOptions { pin };
-                let report = airgap::import(&cache, &bundle, &options, &*progress()).await?;
-                println!(
-                    "imported {} images ({} objects, {} new, {})",
-                    report.images.len(),
-                    report.objects,
-                    report.new_objects,
-                    bytesize::ByteSize::b(report.bytes)
-                );
-                Ok(())
-            })
+            run(
+                async move {
+                    let cache = regcache::open_cache(&config).await?;
+                    let options = airgap::ImportOptions { pin };
+                    let report = airgap::import(&cache, &bundle, &options, &*progress()).await?;
+                    println!(
+                        "imported {} images ({} objects, {} new, {})",
+                        report.images.len(),
+                        report.objects,
+                        report.new_objects,
+                        bytesize::ByteSize::b(report.bytes)
+                    );
+                    Ok(())
+                },
+                false,
+            )
         }
     }
 }
 
-/// Loads the config; a command-line workflow logs warnings only, so progress stays readable.
+/// Loads the config; a command-line workflow logs errors only, so progress stays readable
+/// (what failed is reported by the command itself).
 fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
     match Config::load(path) {
         Ok(c) => {
             let mut log = c.log.clone();
             if quiet {
-                log.level = "warn".into();
+                log.level = "error".into();
             }
             regcache::telemetry::init(&log);
             Some(c)
@@ -228,7 +238,9 @@ fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
     }
 }
 
-fn run(work: impl Future<Output = Result<(), regcache::Error>>) -> ExitCode {
+/// Runs `work` on a multi-threaded runtime; `log_failure` also logs a failure (the server's
+/// log), besides printing it.
+fn run(work: impl Future<Output = Result<(), regcache::Error>>, log_failure: bool) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -239,8 +251,10 @@ fn run(work: impl Future<Output = Result<(), regcache::Error>>) -> ExitCode {
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "regcache stopped");
-            eprintln!("regcache: {e}");
+            if log_failure {
+                tracing::error!(error = %e, "regcache stopped");
+            }
+            eprintln!("regcache: {}", airgap::describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -259,11 +273,8 @@ fn progress() -> Box<dyn airgap::Progress> {
     }
 }
 
-/// Lists the images that failed; any failure fails the command.
+/// Any failed image (each was reported as it failed) fails the command.
 fn finish(failures: Vec<String>) -> Result<(), regcache::Error> {
-    for f in &failures {
-        eprintln!("failed: {f}");
-    }
     if failures.is_empty() {
         Ok(())
     } else {

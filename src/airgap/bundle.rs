@@ -92,6 +92,7 @@ enum Content {
 }
 
 /// Writes the cached `images` as an OCI image layout at `output` (a tar when it ends in `.tar`).
+/// The files are written on this thread (`block_in_place`): call it on a multi-threaded runtime.
 pub async fn export(
     cache: &Cache,
     images: &[String],
@@ -190,8 +191,10 @@ pub async fn export(
                 }
             }
         }
-        progress.add_work(objects, bytes);
-        progress.note(&format!("exporting {image} ({objects} objects)"));
+        progress.note(&format!(
+            "exporting {image} ({objects} objects, {})",
+            bytesize::ByteSize::b(bytes)
+        ));
     }
     let index = LayoutIndex {
         schema_version: 2,
@@ -209,6 +212,7 @@ pub async fn export(
     };
     report.objects = contents.len() as u64;
     report.bytes = contents.iter().map(|c| c.1).sum();
+    progress.add_work(report.objects, report.bytes);
     let output = output.to_owned();
     let tar = output.extension().is_some_and(|e| e == "tar");
     let partial = output.with_file_name(format!(
@@ -382,7 +386,8 @@ struct Staged {
     layout: Option<Bytes>,
 }
 
-/// Loads the bundle at `bundle` (an OCI layout directory or a tar of one) into the cache.
+/// Loads the bundle at `bundle` (an OCI layout directory or a tar of one) into the cache. The
+/// bundle is read on this thread (`block_in_place`): call it on a multi-threaded runtime.
 pub async fn import(
     cache: &Cache,
     bundle: &Path,
@@ -528,6 +533,13 @@ pub async fn import(
     }
 
     // Everything checked out: store it.
+    progress.add_work(
+        loads
+            .iter()
+            .map(|l| (l.manifests.len() + l.blobs.len()) as u64)
+            .sum(),
+        0,
+    );
     let mut report = ImportReport::default();
     let mut staged = staged.blobs;
     let store = cache.store();

@@ -80,7 +80,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] store::Error),
-    #[error("{failed} image(s) failed")]
+    #[error("{failed} image(s) failed (listed above)")]
     Failed { failed: usize },
     #[error("{0}")]
     Usage(String),
@@ -91,6 +91,21 @@ impl Error {
         let path = path.to_owned();
         move |source| Error::Io { op, path, source }
     }
+}
+
+/// An error with its causes, each once (`Display` of outer errors often repeats the inner one).
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// Image references from a file, one a line; blank lines and `#` comments are skipped.

@@ -82,8 +82,9 @@ pub async fn seed(
         let plan = match p {
             Ok(plan) => plan,
             Err(e) => {
-                progress.note(&format!("failed: {e}"));
-                failed.insert(e.to_string());
+                let line = super::describe(&e);
+                progress.note(&format!("failed: {line}"));
+                failed.insert(line);
                 continue;
             }
         };
@@ -157,7 +158,7 @@ pub async fn seed(
             Ok(true) => report.fetched += 1,
             Ok(false) => {}
             Err(e) => {
-                blob_failures.insert(digest.clone(), format!("{digest}: {e}"));
+                blob_failures.insert(digest.clone(), format!("{digest}: {}", super::describe(&e)));
             }
         }
     }
