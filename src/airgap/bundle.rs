@@ -822,3 +822,33 @@ fn stage_entry(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_layout_blob_paths_name_digests() {
+        let hex = "a".repeat(64);
+        let digest = blob_path(&format!("blobs/sha256/{hex}"))
+            .expect("a blob path")
+            .expect("a digest");
+        assert_eq!(digest.to_string(), format!("sha256:{hex}"));
+        assert!(blob_path(&format!("./blobs/sha256/{hex}")).is_some_and(|d| d.is_ok()));
+        for bad in [
+            "blobs/sha256/../../etc/passwd",
+            "blobs/md5/abc",
+            "blobs/sha256/ABC",
+        ] {
+            assert!(blob_path(bad).is_some_and(|d| d.is_err()), "{bad}");
+        }
+        for other in [
+            "index.json",
+            "README",
+            "blobs/sha256/",
+            "x/blobs/sha256/abc",
+        ] {
+            assert!(blob_path(other).is_none(), "{other}");
+        }
+    }
+}

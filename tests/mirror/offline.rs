@@ -117,6 +117,22 @@ async fn an_offline_upstream_serves_the_cache_with_stale_tags_and_404s_and_is_ne
     )
     .await;
 
+    let referrers = mirror
+        .get(&format!("/v2/team/app/referrers/{}", index.manifest.digest))
+        .await;
+    assert_eq!(
+        referrers.status(),
+        StatusCode::OK,
+        "referrers while offline"
+    );
+    let referrers: serde_json::Value =
+        serde_json::from_slice(&body(referrers).await).expect("JSON");
+    assert_eq!(
+        referrers["manifests"],
+        serde_json::json!([]),
+        "an empty index"
+    );
+
     assert_eq!(
         up.requests().len(),
         0,

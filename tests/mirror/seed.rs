@@ -215,6 +215,18 @@ async fn bad_references_fail_before_anything_is_fetched_and_missing_images_are_r
     }
     assert_eq!(up.requests().len(), 0);
 
+    let offline = builder.clone().offline(true);
+    let config = regcache::config::Config::from_yaml(&offline.yaml()).expect("valid config");
+    let offline_cache = regcache::open_cache(&config)
+        .await
+        .expect("the cache opens");
+    let image_ref = format!("{}/team/app:v1", up.host());
+    let err = airgap::seed(&offline_cache, &[image_ref], &options(&[], false), &Silent)
+        .await
+        .expect_err("nothing can be seeded from an offline upstream");
+    assert!(err.to_string().contains("offline"), "{err}");
+    assert_eq!(up.requests().len(), 0);
+
     let host = up.host();
     let report = within(
         "seeding",
