@@ -70,12 +70,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// The cache as `serve` opens it, for the command-line workflows (`seed`, `export`, `import`)
-/// that work on it in-process.
+/// The cache for the command-line workflows (`seed`, `export`, `import`) that work on it
+/// in-process. It may be in use by a running `regcache serve` at the same time: content is
+/// addressed by digest and every write is a rename, so both see whole files only (the server's
+/// size gauges learn of seeded content at its next start).
 pub async fn open_cache(config: &config::Config) -> Result<cache::Cache, Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let dir = config.cache.dir.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
+    let store = tokio::task::spawn_blocking(move || store::Store::open_alongside(&dir))
         .await
         .map_err(store::Error::Task)??;
     let upstreams = Arc::new(upstream::Upstreams::new(config, metrics.clone())?);

@@ -96,6 +96,23 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens (creating if needed) the store at `root` without sweeping `ingest/`: for the
+    /// command-line workflows (seed, import), which may run while a `regcache serve` uses the
+    /// same directory and must not remove its downloads in progress. Whatever they leave there
+    /// after a crash is swept at the next `open`.
+    pub fn open_alongside(root: &Path) -> Result<Store> {
+        let layout = Layout::new(root);
+        for dir in [layout.blobs_dir(), layout.ingest_dir()] {
+            std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        }
+        let store = Store {
+            layout,
+            usage: Arc::default(),
+        };
+        store.count_usage();
+        Ok(store)
+    }
+
     pub fn root(&self) -> &Path {
         self.layout.root()
     }

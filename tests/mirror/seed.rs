@@ -250,3 +250,66 @@ async fn bad_references_fail_before_anything_is_fetched_and_missing_images_are_r
     );
     assert_eq!(report.fetched, 3, "the good image is seeded all the same");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seeding_beside_a_running_mirror_leaves_its_downloads_in_progress_alone() {
+    let image = Image::new(1, 200_000);
+    let layer = image.layers[0].digest.clone();
+    let up = FakeUpstream::builder()
+        .image("team/app", "v1", &image)
+        .fault(
+            crate::support::fake_upstream::Fault::on_blob(&layer)
+                .throttle(16 * 1024, std::time::Duration::from_millis(10)),
+        )
+        .start()
+        .await;
+    let dir = cache_dir();
+    let builder = mirror_for(&up, &dir);
+    let mirror = builder.start().await;
+    let (client, url) = (mirror.client().clone(), mirror.url());
+    let pull = tokio::spawn(async move { pull_image(&client, &url, "team/app", "v1").await });
+    within("the mirror's download to start", async {
+        while up.gets_of_blob(&layer) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    let report = seed(
+        &builder,
+        &[format!("{}/team/app:v1", up.host())],
+        &options(&[], false),
+    )
+    .await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let pulled = within("the mirror's pull", pull)
+        .await
+        .expect("the pull did not panic");
+    assert_eq!(
+        pulled.len(),
+        3,
+        "the client's pull completed, every digest checked"
+    );
+    // The mirror stored its own download too: the seed did not sweep it away mid-flight.
+    let mut stored = 0.0;
+    for _ in 0..200 {
+        stored = mirror.metric("regcache_cache_objects", &[]).await;
+        if stored >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stored, 3.0,
+        "manifest, config and layer stored by the mirror"
+    );
+    mirror.stop().await;
+
+    let restarted = builder.clone().offline(true).start().await;
+    let again = within(
+        "an offline pull",
+        pull_image(restarted.client(), &restarted.url(), "team/app", "v1"),
+    )
+    .await;
+    assert_eq!(again, pulled);
+}
