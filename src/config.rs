@@ -54,6 +54,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Log output.
     pub log: LogConfig,
+    /// Serve every upstream purely from the cache, never contacting it (air-gapped sites).
+    pub offline: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -86,6 +88,10 @@ pub struct UpstreamConfig {
     /// Extra PEM CA bundle trusted for this upstream (private registries).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Serve this upstream purely from the cache: tags from their last record whatever its age,
+    /// a 404 for anything never cached, and no connection attempt ever.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -96,6 +102,7 @@ impl fmt::Debug for UpstreamConfig {
             .field("username", &self.username)
             .field("password", &self.password)
             .field("ca_file", &self.ca_file)
+            .field("offline", &self.offline)
             .finish()
     }
 }
@@ -185,10 +192,12 @@ impl Default for Config {
                 username: None,
                 password: None,
                 ca_file: None,
+                offline: false,
             }],
             upstream_client: UpstreamClientConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
+            offline: false,
         }
     }
 }
@@ -273,6 +282,11 @@ impl Config {
                 ),
             )
         })
+    }
+
+    /// Whether `up` is served from the cache only (marked so, or everything is).
+    pub fn is_offline(&self, up: &UpstreamConfig) -> bool {
+        self.offline || up.offline
     }
 
     /// Checks everything serde cannot, naming the key and the reason.
@@ -416,6 +430,18 @@ upstreams:
             !format!("{c:?}").contains("secret"),
             "Debug must mask the password"
         );
+    }
+
+    #[test]
+    fn offline_is_per_upstream_or_global() {
+        let c = Config::from_yaml(
+            "upstreams: [{name: docker.io, url: 'https://a', offline: true}, {name: ghcr.io, url: 'https://b'}]",
+        )
+        .expect("valid");
+        assert!(c.is_offline(&c.upstreams[0]));
+        assert!(!c.is_offline(&c.upstreams[1]));
+        let c = Config::from_yaml("offline: true").expect("valid");
+        assert!(c.is_offline(&c.upstreams[0]));
     }
 
     fn refused(yaml: &str) -> String {

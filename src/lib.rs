@@ -1,12 +1,14 @@
 //! regcache: a pull-through caching mirror for OCI and Docker registries.
 //!
 //! Layout (dependencies point down this list):
+//! - `airgap`: the command-line workflows over the cache: seed, export, import.
 //! - `http`: the hyper edge; parses every request into a `Route` and maps every error.
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `oci`: the spec's types, no IO.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 
+pub mod airgap;
 pub mod cache;
 pub mod config;
 pub mod http;
@@ -29,6 +31,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error(transparent)]
+    Airgap(#[from] airgap::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -64,6 +68,20 @@ pub async fn serve(
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
     Ok(())
+}
+
+/// The cache for the command-line workflows (`seed`, `export`, `import`) that work on it
+/// in-process. It may be in use by a running `regcache serve` at the same time: content is
+/// addressed by digest and every write is a rename, so both see whole files only (the server's
+/// size gauges learn of seeded content at its next start).
+pub async fn open_cache(config: &config::Config) -> Result<cache::Cache, Error> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let dir = config.cache.dir.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open_alongside(&dir))
+        .await
+        .map_err(store::Error::Task)??;
+    let upstreams = Arc::new(upstream::Upstreams::new(config, metrics.clone())?);
+    Ok(cache::Cache::new(config, store, upstreams, metrics))
 }
 
 /// Binds the configured address and serves until SIGTERM or Ctrl-C.

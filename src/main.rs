@@ -1,10 +1,14 @@
 //! The `regcache` command: parses arguments, loads the config, starts logging, and hands over
 //! to the library.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use regcache::airgap;
+use regcache::config::Config;
 
 /// A pull-through caching mirror for OCI and Docker registries.
 #[derive(Parser)]
@@ -22,9 +26,69 @@ enum Command {
         /// listen on 127.0.0.1:5000, cache in ./regcache-data, Docker Hub upstream.
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
+        /// Serve only what is cached and never contact an upstream (the config's `offline`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Check a config file and print the effective settings (credentials masked).
     CheckConfig {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Pull whole images into the cache (for an air-gapped site, or to warm a mirror).
+    ///
+    /// Each image's manifests, every child of an index (or the chosen --platforms), its config
+    /// and layers are downloaded from the configured upstreams and verified, as a pull through
+    /// the mirror would; what is already cached is skipped. Tags are recorded, so they resolve
+    /// when the upstream is offline.
+    Seed {
+        /// Images such as docker.io/library/nginx:1.27 or ghcr.io/org/app@sha256:...
+        images: Vec<String>,
+        /// A file of image references, one a line (# comments allowed).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// Keep only this platform of an index (os/arch[/variant]); repeatable. Default: all.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Pin what is seeded, so cache eviction never removes it.
+        #[arg(long)]
+        pin: bool,
+        /// Downloads at once.
+        #[arg(long, short, default_value_t = 4)]
+        jobs: usize,
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Write cached images as an OCI image layout, to carry across an air gap.
+    ///
+    /// The bundle is a directory, or a tar when --output ends in .tar; its index.json names
+    /// each image by its full reference, so `skopeo copy oci:BUNDLE:REF ...` reads it as well
+    /// as `regcache import`. Reads the cache only; a missing object is an error naming it.
+    Export {
+        /// Images such as docker.io/library/nginx:1.27 or ghcr.io/org/app@sha256:...
+        images: Vec<String>,
+        /// A file of image references, one a line (# comments allowed).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// The bundle to create: a directory, or a tar when the name ends in .tar.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Export only this platform of an index (as seeded with --platform); repeatable.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load a bundle made by `regcache export` (or any OCI layout naming full references).
+    ///
+    /// Every blob's digest and size is checked before anything is stored: a corrupt or
+    /// truncated bundle is refused, naming the offending digest, and nothing is imported.
+    Import {
+        /// The bundle: an OCI image layout directory or a tar of one.
+        bundle: PathBuf,
+        /// Pin what is imported, so cache eviction never removes it.
+        #[arg(long)]
+        pin: bool,
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -33,42 +97,189 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
-            let config = match regcache::config::Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("regcache: {e}");
-                    return ExitCode::from(2);
-                }
+        Command::Serve { config, offline } => {
+            let Some(config) = load(config.as_deref(), false) else {
+                return ExitCode::from(2);
             };
-            regcache::telemetry::init(&config.log);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("regcache: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let config = Config {
+                offline: config.offline || offline,
+                ..config
             };
-            match runtime.block_on(regcache::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "regcache stopped");
-                    eprintln!("regcache: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run(regcache::run(config), true)
         }
-        Command::CheckConfig { config } => {
-            match regcache::config::Config::load(config.as_deref()) {
-                Ok(c) => {
-                    println!("{c:#?}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("regcache: {e}");
-                    ExitCode::from(2)
-                }
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!("{c:#?}");
+                ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("regcache: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Seed {
+            mut images,
+            file,
+            platforms,
+            pin,
+            jobs,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(
+                async move {
+                    if let Some(file) = file {
+                        images.extend(airgap::read_image_list(&file)?);
+                    }
+                    if images.is_empty() {
+                        return Err(usage("name at least one image, or --file"));
+                    }
+                    let platforms = platforms
+                        .iter()
+                        .map(|p| p.parse())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let options = airgap::SeedOptions {
+                        platforms,
+                        pin,
+                        jobs,
+                    };
+                    let cache = regcache::open_cache(&config).await?;
+                    let report = airgap::seed(&cache, &images, &options, &*progress()).await?;
+                    println!("{report}");
+                    finish(report.failures)
+                },
+                false,
+            )
         }
+        Command::Export {
+            mut images,
+            file,
+            output,
+            platforms,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(
+                async move {
+                    if let Some(file) = file {
+                        images.extend(airgap::read_image_list(&file)?);
+                    }
+                    if images.is_empty() {
+                        return Err(usage("name at least one image, or --file"));
+                    }
+                    let platforms = platforms
+                        .iter()
+                        .map(|p| p.parse())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let cache = regcache::open_cache(&config).await?;
+                    let options = airgap::ExportOptions { platforms };
+                    let report =
+                        airgap::export(&cache, &images, &output, &options, &*progress()).await?;
+                    println!(
+                        "exported {} images ({} objects, {}) to {}",
+                        report.images,
+                        report.objects,
+                        bytesize::ByteSize::b(report.bytes),
+                        output.display()
+                    );
+                    Ok(())
+                },
+                false,
+            )
+        }
+        Command::Import {
+            bundle,
+            pin,
+            config,
+        } => {
+            let Some(config) = load(config.as_deref(), true) else {
+                return ExitCode::from(2);
+            };
+            run(
+                async move {
+                    let cache = regcache::open_cache(&config).await?;
+                    let options = airgap::ImportOptions { pin };
+                    let report = airgap::import(&cache, &bundle, &options, &*progress()).await?;
+                    println!(
+                        "imported {} images ({} objects, {} new, {})",
+                        report.images.len(),
+                        report.objects,
+                        report.new_objects,
+                        bytesize::ByteSize::b(report.bytes)
+                    );
+                    Ok(())
+                },
+                false,
+            )
+        }
+    }
+}
+
+/// Loads the config; a command-line workflow logs errors only, so progress stays readable
+/// (what failed is reported by the command itself).
+fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => {
+            let mut log = c.log.clone();
+            if quiet {
+                log.level = "error".into();
+            }
+            regcache::telemetry::init(&log);
+            Some(c)
+        }
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            None
+        }
+    }
+}
+
+/// Runs `work` on a multi-threaded runtime; `log_failure` also logs a failure (the server's
+/// log), besides printing it.
+fn run(work: impl Future<Output = Result<(), regcache::Error>>, log_failure: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("regcache: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if log_failure {
+                tracing::error!(error = %e, "regcache stopped");
+            }
+            eprintln!("regcache: {}", airgap::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(reason: &str) -> regcache::Error {
+    regcache::Error::Airgap(airgap::Error::Usage(reason.to_owned()))
+}
+
+/// Progress bars on a terminal, plain lines otherwise.
+fn progress() -> Box<dyn airgap::Progress> {
+    if std::io::stderr().is_terminal() {
+        Box::new(airgap::Bars::default())
+    } else {
+        Box::new(airgap::Lines::default())
+    }
+}
+
+/// Any failed image (each was reported as it failed) fails the command.
+fn finish(failures: Vec<String>) -> Result<(), regcache::Error> {
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(regcache::Error::Airgap(airgap::Error::Failed {
+            failed: failures.len(),
+        }))
     }
 }

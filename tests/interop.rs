@@ -32,7 +32,8 @@ use containerd::{Containerd, write_hosts_dir};
 use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
-use mirror::{DefaultUpstream, Mirror, metric_sum};
+use mirror::{DefaultUpstream, Mirror, metric_sum, write_config};
+use process::{COMMAND_TIMEOUT, command, run, try_run};
 use registry::{Registry, Tls};
 use skopeo::{Skopeo, Source};
 
@@ -41,6 +42,7 @@ const NAME: &str = "team/app";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// What was pushed to the registry.
+#[derive(Clone)]
 struct Pushed {
     /// `team/app:v1`: one OCI image manifest (linux/amd64).
     v1: Image,
@@ -343,4 +345,230 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
         &multi.index,
         &World::index_blobs(&multi),
     );
+}
+
+/// Runs the `regcache` binary with `args`; its output, whatever the exit status.
+fn regcache(args: &[&str]) -> process::Output {
+    try_run(command(&mirror::binary()).args(args), COMMAND_TIMEOUT)
+}
+
+/// Every regular file under `dir`.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn air_gapped_seed_export_import_and_offline_pull() {
+    let mut world = World::new();
+    let pushed = world.pushed.clone();
+    let host = world.registry.addr.clone();
+    let images = [
+        format!("{host}/{NAME}:v1"),
+        format!("{host}/{NAME}:multi"),
+        format!("{host}/{NAME}:v1-docker"),
+    ];
+
+    // Connected side: seed from the registry, then export as a directory and as a tar.
+    let online = write_config(
+        world.dir.path(),
+        "seed",
+        &world.path("seed-cache"),
+        &world.registry,
+        &world.tls,
+        DefaultUpstream::Registry,
+        false,
+    );
+    let online = online.to_string_lossy().into_owned();
+    let list = world.path("images.txt");
+    process::write(
+        &list,
+        format!("# the site's images\n{}\n\n{}\n", images[0], images[1]),
+    );
+    let seeded = regcache(&[
+        "seed",
+        "--config",
+        &online,
+        "--pin",
+        "--file",
+        &list.to_string_lossy(),
+        &images[2],
+    ]);
+    assert!(seeded.status.success(), "seed failed:\n{}", seeded.stderr);
+    assert!(
+        seeded.stderr.contains("[1/") && seeded.stderr.contains(&format!("seeded {}", images[1])),
+        "plain progress lines when not on a terminal:\n{}",
+        seeded.stderr
+    );
+    let again = regcache(&[
+        "seed", "--config", &online, &images[0], &images[1], &images[2],
+    ]);
+    assert!(
+        again.status.success(),
+        "second seed failed:\n{}",
+        again.stderr
+    );
+    assert!(
+        again.stdout_text().contains(": 0 downloaded"),
+        "a second seed downloads nothing: {}",
+        again.stdout_text()
+    );
+
+    let bundle_dir = world.path("bundle");
+    let bundle_tar = world.path("bundle.tar");
+    for out in [&bundle_dir, &bundle_tar] {
+        let exported = regcache(&[
+            "export",
+            "--config",
+            &online,
+            "--output",
+            &out.to_string_lossy(),
+            &images[0],
+            &images[1],
+            &images[2],
+        ]);
+        assert!(
+            exported.status.success(),
+            "export failed:\n{}",
+            exported.stderr
+        );
+    }
+
+    // Other tools read the bundle: skopeo copies each image out by its reference.
+    let from_bundle = world.path("from-bundle");
+    world.skopeo.copy(
+        &format!("oci:{}:{}", bundle_dir.display(), images[0]),
+        &format!("oci:{}:v1", from_bundle.display()),
+        false,
+        &[],
+    );
+    verify_pulled_layout(
+        &from_bundle,
+        "v1",
+        &pushed.v1.manifest,
+        &pushed.v1.all_blobs(),
+    );
+    let from_archive = world.path("from-archive");
+    world.skopeo.copy(
+        &format!("oci-archive:{}:{}", bundle_tar.display(), images[1]),
+        &format!("oci:{}:multi", from_archive.display()),
+        true,
+        &[],
+    );
+    verify_pulled_layout(
+        &from_archive,
+        "multi",
+        &pushed.multi.index,
+        &World::index_blobs(&pushed.multi),
+    );
+
+    // The air gap: the registry is gone for good.
+    world.registry.stop();
+
+    // A bundle with a flipped byte, and one cut short, are refused and import nothing.
+    let corrupt = world.path("corrupt");
+    run(
+        std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&bundle_dir)
+            .arg(&corrupt),
+        COMMAND_TIMEOUT,
+    );
+    let layer = &pushed.v1.layers[0].digest;
+    let layer_path = corrupt
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut bytes = process::read(&layer_path);
+    bytes[100] ^= 0x01;
+    process::write(&layer_path, bytes);
+    let truncated = world.path("truncated.tar");
+    let tar = process::read(&bundle_tar);
+    process::write(&truncated, &tar[..tar.len() * 2 / 3]);
+    let refused_cache = world.path("refused-cache");
+    let refused = write_config(
+        world.dir.path(),
+        "refused",
+        &refused_cache,
+        &world.registry,
+        &world.tls,
+        DefaultUpstream::Registry,
+        true,
+    );
+    for (bundle, expect) in [(&corrupt, layer.as_str()), (&truncated, "truncated")] {
+        let out = regcache(&[
+            "import",
+            "--config",
+            &refused.to_string_lossy(),
+            &bundle.to_string_lossy(),
+        ]);
+        assert!(
+            !out.status.success(),
+            "a bad bundle was imported: {}",
+            bundle.display()
+        );
+        assert!(
+            out.stderr.contains(expect) && out.stderr.contains("nothing imported"),
+            "the refusal names {expect}:\n{}",
+            out.stderr
+        );
+        let stored = files_under(&refused_cache);
+        assert!(stored.is_empty(), "a refused import left {stored:#?}");
+    }
+
+    // Disconnected side: import the tar into a fresh cache, serve it offline, pull with skopeo.
+    let offline = write_config(
+        world.dir.path(),
+        "offline",
+        &world.path("offline-cache"),
+        &world.registry,
+        &world.tls,
+        DefaultUpstream::Registry,
+        true,
+    );
+    let imported = regcache(&[
+        "import",
+        "--config",
+        &offline.to_string_lossy(),
+        &bundle_tar.to_string_lossy(),
+    ]);
+    assert!(
+        imported.status.success(),
+        "import failed:\n{}",
+        imported.stderr
+    );
+    let mirror = Mirror::start_with(world.dir.path(), "offline", &offline);
+    let v1 = world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "offline-v1", "v1");
+    verify_pulled_layout(&v1, "v1", &pushed.v1.manifest, &pushed.v1.all_blobs());
+    let multi = world.pull_to_layout(&mirror, &format!("{NAME}:multi"), "offline-multi", "multi");
+    verify_pulled_layout(
+        &multi,
+        "multi",
+        &pushed.multi.index,
+        &World::index_blobs(&pushed.multi),
+    );
+    let docker = world.path("offline-docker");
+    world.skopeo.pull(
+        &Source::Mirror(&mirror),
+        &format!("{NAME}:v1-docker"),
+        &format!("dir:{}", docker.display()),
+    );
+    let layers: Vec<&Descriptor> = pushed.v1.layers.iter().collect();
+    verify_pulled_dir(&docker, &pushed.docker.digest, &layers);
+    let metrics = mirror.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "regcache_upstream_requests_total"),
+        0.0,
+        "the offline mirror contacted an upstream:\n{metrics}"
+    );
+    assert_eq!(metric_sum(&metrics, "regcache_upstream_errors_total"), 0.0);
 }

@@ -13,12 +13,16 @@ mod support;
 mod api;
 #[path = "mirror/auth.rs"]
 mod auth;
+#[path = "mirror/bundle.rs"]
+mod bundle;
 #[path = "mirror/coalesce.rs"]
 mod coalesce;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
+#[path = "mirror/offline.rs"]
+mod offline;
 #[path = "mirror/passthrough.rs"]
 mod passthrough;
 #[path = "mirror/pull.rs"]
@@ -27,6 +31,8 @@ mod pull;
 mod restart;
 #[path = "mirror/routing.rs"]
 mod routing;
+#[path = "mirror/seed.rs"]
+mod seed;
 #[path = "mirror/tags.rs"]
 mod tags;
 #[path = "mirror/upstream_errors.rs"]

@@ -34,6 +34,9 @@ impl Cache {
         digest: &Digest,
         head: bool,
     ) -> Result<Blob, Error> {
+        if upstream.is_offline() && !self.store.is_linked(upstream.name(), repo, digest).await {
+            return Err(Error::BlobUnknown);
+        }
         if let Some(file) = self.store.open_blob(digest).await? {
             self.ensure_linked(upstream, repo, digest, None).await?;
             self.metrics.cache_hits.with_label_values(&["blob"]).inc();
@@ -63,6 +66,10 @@ impl Cache {
                 return Ok(Blob::InFlight { size });
             }
         }
+        if upstream.is_offline() {
+            // Linked, but the content is gone (removed by hand or evicted).
+            return Err(Error::BlobUnknown);
+        }
         self.metrics.cache_misses.with_label_values(&["blob"]).inc();
         if head {
             let size = upstream
@@ -80,6 +87,26 @@ impl Cache {
                 .await?;
         }
         self.follow(flight, started_here).await
+    }
+
+    /// Makes sure `digest` is stored for `repo` (seeding): downloads it through the same
+    /// verified fill as a client's miss, reporting bytes written as they grow. True when it was
+    /// downloaded, false when it was already stored.
+    pub async fn fetch_blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        progress: impl FnMut(u64),
+    ) -> Result<bool, Error> {
+        match self.blob(upstream, repo, digest, false).await? {
+            Blob::Stored(_) => Ok(false),
+            Blob::Filling { mut reader, .. } => {
+                reader.wait_verified(progress).await?;
+                Ok(true)
+            }
+            Blob::Remote { .. } | Blob::InFlight { .. } => Err(Error::BlobUnknown),
+        }
     }
 
     async fn follow(&self, flight: Arc<Flight>, started_here: bool) -> Result<Blob, Error> {

@@ -364,6 +364,26 @@ impl Drop for GrowingReader {
 }
 
 impl GrowingReader {
+    /// Waits, without reading, until the download is verified, reporting the bytes written so
+    /// far as they grow; the verified size. Holding the reader keeps the fill from being
+    /// abandoned, however long it takes.
+    pub async fn wait_verified(&mut self, mut progress: impl FnMut(u64)) -> Result<u64, Error> {
+        loop {
+            match &*self.state.borrow_and_update() {
+                FillState::Starting => {}
+                FillState::Filling { written, .. } => progress(*written),
+                FillState::Done { size } => {
+                    progress(*size);
+                    return Ok(*size);
+                }
+                FillState::Failed(e) => return Err(Error::Fill(e.clone())),
+            }
+            if self.state.changed().await.is_err() {
+                return Err(Error::FillAbandoned);
+            }
+        }
+    }
+
     /// The next chunk, `None` at the verified end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
         let region = match self.next_region(READ_CHUNK as u64).await? {

@@ -123,6 +123,9 @@ impl Cache {
         digest: &Digest,
         head: bool,
     ) -> Result<Manifest, Error> {
+        if upstream.is_offline() && !self.store.is_linked(upstream.name(), repo, digest).await {
+            return Err(Error::ManifestUnknown);
+        }
         if let Some((media_type, body)) = self.stored_manifest(digest).await? {
             if !self.store.is_linked(upstream.name(), repo, digest).await {
                 // Cross-repository rule: confirm this repository has it before serving it.
@@ -145,6 +148,9 @@ impl Cache {
                 body: (!head).then_some(body),
                 outcome: Outcome::Hit,
             });
+        }
+        if upstream.is_offline() {
+            return Err(Error::ManifestUnknown);
         }
         // A HEAD is answered from the upstream's HEAD; only a GET brings the content home.
         let method = if head { Method::HEAD } else { Method::GET };
@@ -172,6 +178,16 @@ impl Cache {
         head: bool,
     ) -> Result<Manifest, Error> {
         let key = tag_key(upstream, repo, tag);
+        if upstream.is_offline() {
+            // The last record is the truth, whatever its age; the client's Accept cannot be
+            // negotiated with anyone, so what was recorded is what it gets.
+            let Some(record) = self.store.get_tag(upstream.name(), repo, tag).await else {
+                return Err(Error::ManifestUnknown);
+            };
+            return self
+                .answer_from_record(upstream, repo, &record, head, Outcome::Hit)
+                .await;
+        }
         if let Some((record, checked)) = self.tag_checked.get(&key).await
             && checked.elapsed() < self.tag_ttl
             && accept.accepts(&record.media_type)

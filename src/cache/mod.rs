@@ -1,6 +1,10 @@
 //! The mirror's policy over `store` and `upstream`: what is a hit, when a tag must be
 //! revalidated, when a stale answer may be served, which repository may read which blob, and
 //! that concurrent misses share one download (`coalesce`). Knows nothing of HTTP.
+//!
+//! An offline upstream is answered from the store alone: a tag from its last record whatever
+//! its age, content only where this repository is linked to it, and `ManifestUnknown` /
+//! `BlobUnknown` for everything else, decided before any upstream call.
 
 mod blobs;
 pub mod coalesce;
@@ -43,7 +47,7 @@ impl Error {
     }
 
     fn from_manifest_upstream(e: upstream::Error) -> Error {
-        if Error::is_not_found(&e) {
+        if Error::is_not_found(&e) || matches!(e, upstream::Error::Offline { .. }) {
             Error::ManifestUnknown
         } else {
             Error::Upstream(e)
@@ -51,7 +55,7 @@ impl Error {
     }
 
     fn from_blob_upstream(e: upstream::Error) -> Error {
-        if Error::is_not_found(&e) {
+        if Error::is_not_found(&e) || matches!(e, upstream::Error::Offline { .. }) {
             Error::BlobUnknown
         } else {
             Error::Upstream(e)

@@ -198,6 +198,9 @@ pub async fn passthrough(
     log: &mut RequestLog,
 ) -> Result<Response<Body>, ApiError> {
     let (upstream, repo) = select(app, query, name, log)?;
+    if upstream.is_offline() {
+        return offline_document(app, &upstream, &repo, query, rest, log).await;
+    }
     let forwarded: Vec<(&str, String)> = query
         .iter()
         .filter_map(|(k, v)| allowed.iter().find(|a| **a == k).map(|a| (*a, v.clone())))
@@ -220,6 +223,61 @@ pub async fn passthrough(
     {
         h.insert(header::LINK, link);
     }
+    h.insert("docker-distribution-api-version", API_VERSION);
+    Ok(resp)
+}
+
+/// Tag lists and referrers of an offline upstream, from the cache: the recorded tags (with
+/// `n` and `last`), and an empty referrers index (referrers are not cached).
+async fn offline_document(
+    app: &App,
+    upstream: &Upstream,
+    repo: &crate::oci::RepoName,
+    query: &[(String, String)],
+    rest: &str,
+    log: &mut RequestLog,
+) -> Result<Response<Body>, ApiError> {
+    let (content_type, doc) = if rest == "tags/list" {
+        let tags = app
+            .cache
+            .store()
+            .tags(upstream.name(), repo)
+            .await
+            .map_err(|e| ApiError::from(crate::cache::Error::Store(e)))?;
+        if tags.is_empty() {
+            return Err(ApiError::from(&crate::upstream::Error::Offline {
+                upstream: upstream.name().clone(),
+            }));
+        }
+        let param = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        let last = param("last");
+        let n = param("n").and_then(|n| n.parse::<usize>().ok());
+        let listed: Vec<&str> = tags
+            .iter()
+            .map(|t| t.as_str())
+            .filter(|t| last.is_none_or(|l| *t > l.as_str()))
+            .take(n.unwrap_or(usize::MAX))
+            .collect();
+        (
+            "application/json",
+            serde_json::json!({ "name": repo.to_string(), "tags": listed }),
+        )
+    } else {
+        (
+            crate::oci::media_type::OCI_INDEX,
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": crate::oci::media_type::OCI_INDEX,
+                "manifests": [],
+            }),
+        )
+    };
+    let body = bytes::Bytes::from(doc.to_string());
+    log.bytes = body.len() as u64;
+    log.cache = Some(Outcome::Hit.as_str());
+    let mut resp = Response::new(body::full(body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("docker-distribution-api-version", API_VERSION);
     Ok(resp)
 }

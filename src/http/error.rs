@@ -100,6 +100,14 @@ impl From<&upstream::Error> for ApiError {
                 "the mirror's upstream configuration is broken",
                 Fault::Ours,
             ),
+            // Only reached for requests the cache cannot answer itself, such as a tag list of
+            // a repository never seeded: for an offline upstream that is simply unknown.
+            upstream::Error::Offline { upstream } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                format!("upstream {upstream} is offline and this is not cached"),
+                Fault::Client,
+            ),
             upstream::Error::Unreachable { upstream, .. } => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 ErrorCode::Unavailable,

@@ -10,4 +10,4 @@ pub mod reference;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::ErrorCode;
-pub use reference::{ImageName, Reference, RegistryHost, RepoName, Tag};
+pub use reference::{ImageName, ImageRef, Reference, RegistryHost, RepoName, Tag};

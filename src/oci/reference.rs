@@ -272,10 +272,76 @@ impl FromStr for ImageName {
     }
 }
 
+/// An image as an operator names it: `[host/]repository[:tag][@digest]`, such as
+/// `docker.io/library/nginx:1.27` or `ghcr.io/org/app@sha256:...`. With neither a tag nor a
+/// digest the tag is `latest`, as for `docker pull`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: ImageName,
+    pub tag: Option<Tag>,
+    pub digest: Option<Digest>,
+}
+
+impl FromStr for ImageRef {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let (rest, digest) = match s.split_once('@') {
+            Some((rest, digest)) => (rest, Some(digest.parse::<Digest>()?)),
+            None => (s, None),
+        };
+        // A `:` after the last `/` starts the tag; one before it is a registry port.
+        let (name, tag) = match rest.rsplit_once(':') {
+            Some((name, tag)) if !tag.contains('/') => (name, Some(tag.parse::<Tag>()?)),
+            _ => (rest, None),
+        };
+        let tag = match (tag, &digest) {
+            (None, None) => Some("latest".parse()?),
+            (tag, _) => tag,
+        };
+        Ok(ImageRef {
+            name: name.parse()?,
+            tag,
+            digest,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn image_references_split_into_name_tag_and_digest() {
+        let r: ImageRef = "docker.io/library/nginx:1.27".parse().expect("valid");
+        assert_eq!(r.name.host.as_ref().map(|h| h.as_str()), Some("docker.io"));
+        assert_eq!(r.name.repo.as_str(), "library/nginx");
+        assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("1.27"));
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let r: ImageRef = format!("localhost:5000/team/app@{digest}")
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            r.name.host.as_ref().map(|h| h.as_str()),
+            Some("localhost:5000")
+        );
+        assert_eq!(r.tag, None);
+        assert_eq!(
+            r.digest.as_ref().map(|d| d.to_string()),
+            Some(digest.clone())
+        );
+        let r: ImageRef = "alpine".parse().expect("valid");
+        assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("latest"));
+        let r: ImageRef = format!("ghcr.io/org/app:v1@{digest}")
+            .parse()
+            .expect("valid");
+        assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("v1"));
+        assert!(r.digest.is_some());
+        for bad in ["", "Nginx", "nginx:", "nginx@sha256:abc", "nginx:a/b:c"] {
+            assert!(bad.parse::<ImageRef>().is_err(), "{bad} should be refused");
+        }
+    }
 
     #[test]
     fn names_follow_the_spec_grammar() {

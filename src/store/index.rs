@@ -82,6 +82,25 @@ impl Store {
         }
     }
 
+    /// The tags recorded for `repo`, sorted; what an offline upstream lists.
+    pub async fn tags(&self, upstream: &RegistryHost, repo: &RepoName) -> Result<Vec<Tag>> {
+        let dir = self.layout.tags_dir(upstream, repo);
+        tokio::task::spawn_blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(Error::io("list", &dir)(e)),
+            };
+            let mut tags: Vec<Tag> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            tags.sort_by(|a: &Tag, b: &Tag| a.as_str().cmp(b.as_str()));
+            Ok(tags)
+        })
+        .await?
+    }
+
     pub async fn delete_tag(
         &self,
         upstream: &RegistryHost,

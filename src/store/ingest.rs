@@ -132,6 +132,15 @@ pub struct Verified {
 }
 
 impl Verified {
+    /// A read-only handle on the verified bytes (to read a small document back).
+    pub fn reader(&self) -> Arc<File> {
+        self.ingest.reader()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.ingest.written
+    }
+
     /// Syncs the file and renames it into the store: the commit point.
     pub async fn persist(mut self) -> Result<()> {
         let tmp = self.ingest.path.clone();

@@ -8,6 +8,7 @@
 //!   ingest/<random>.part                  downloads in progress; removed at start-up
 //!   repos/<upstream>/<repo>/_links/<alg>/<hex>   empty: <repo> on <upstream> references <digest>
 //!   repos/<upstream>/<repo>/_tags/<tag>          JSON: the digest and media type <tag> resolved to
+//!   pins/<alg>/<hex>                     empty: <digest> is pinned, never evicted (`pins`)
 //! ```
 //! Repository names cannot start with `_` (spec grammar), so `_links` and `_tags` never collide
 //! with a repository path component.
@@ -62,7 +63,11 @@ impl Layout {
     }
 
     pub fn tag(&self, upstream: &RegistryHost, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.repo(upstream, repo).join("_tags").join(tag.as_str())
+        self.tags_dir(upstream, repo).join(tag.as_str())
+    }
+
+    pub fn tags_dir(&self, upstream: &RegistryHost, repo: &RepoName) -> PathBuf {
+        self.repo(upstream, repo).join("_tags")
     }
 }
 

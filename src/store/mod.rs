@@ -9,6 +9,7 @@
 mod index;
 mod ingest;
 pub mod layout;
+mod pins;
 
 use std::fs::File;
 use std::io;
@@ -86,6 +87,23 @@ impl Store {
             let path = entry.path();
             std::fs::remove_file(&path).map_err(Error::io("remove leftover ingest file", &path))?;
             tracing::info!(path = %path.display(), "removed a partial download left by an earlier run");
+        }
+        let store = Store {
+            layout,
+            usage: Arc::default(),
+        };
+        store.count_usage();
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the store at `root` without sweeping `ingest/`: for the
+    /// command-line workflows (seed, import), which may run while a `regcache serve` uses the
+    /// same directory and must not remove its downloads in progress. Whatever they leave there
+    /// after a crash is swept at the next `open`.
+    pub fn open_alongside(root: &Path) -> Result<Store> {
+        let layout = Layout::new(root);
+        for dir in [layout.blobs_dir(), layout.ingest_dir()] {
+            std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         }
         let store = Store {
             layout,

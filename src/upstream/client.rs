@@ -24,6 +24,9 @@ use crate::oci::{Digest, RegistryHost, RepoName, media_type::Accept};
 pub enum Error {
     #[error("upstream configuration: {0}")]
     Config(String),
+    /// The upstream is configured `offline`: it is never contacted.
+    #[error("upstream {upstream} is offline: only cached content is served")]
+    Offline { upstream: RegistryHost },
     #[error("upstream {upstream} could not be reached: {source}")]
     Unreachable {
         upstream: RegistryHost,
@@ -78,6 +81,7 @@ pub struct Upstream {
     attempts: u32,
     backoff: Duration,
     metrics: Arc<Metrics>,
+    offline: bool,
 }
 
 /// A manifest response: the headers the client must see as the upstream sent them, and the
@@ -147,11 +151,22 @@ impl Upstream {
             attempts: client.attempts.max(1),
             backoff: client.retry_backoff,
             metrics,
+            offline: config.offline,
         })
     }
 
     pub fn name(&self) -> &RegistryHost {
         &self.name
+    }
+
+    /// Served from the cache only: nothing ever dials it.
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    /// Marks the upstream offline (the global `offline` switch).
+    pub(super) fn set_offline(&mut self) {
+        self.offline = true;
     }
 
     fn url(&self, repo: &RepoName, rest: &str) -> String {
@@ -363,6 +378,12 @@ impl Upstream {
         repo: &RepoName,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
+        // The one place requests leave: an offline upstream is never dialled, whoever asks.
+        if self.offline {
+            return Err(Error::Offline {
+                upstream: self.name.clone(),
+            });
+        }
         let scope = format!("repository:{repo}:pull");
         let mut attempt = 0;
         let mut answered_challenge = false;

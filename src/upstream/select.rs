@@ -39,7 +39,11 @@ impl Upstreams {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, client::Error> {
         let mut by_name = HashMap::new();
         for up in &config.upstreams {
-            let upstream = Arc::new(Upstream::new(up, &config.upstream_client, metrics.clone())?);
+            let mut upstream = Upstream::new(up, &config.upstream_client, metrics.clone())?;
+            if config.is_offline(up) {
+                upstream.set_offline();
+            }
+            let upstream = Arc::new(upstream);
             by_name.insert(canonical(upstream.name().clone()), upstream);
         }
         let default_name: RegistryHost = config

@@ -42,36 +42,18 @@ impl Mirror {
         tls: &Tls,
         default_upstream: DefaultUpstream,
     ) -> Mirror {
-        let default_upstream = match default_upstream {
-            DefaultUpstream::Registry => registry.addr.as_str(),
-            DefaultUpstream::Decoy => DECOY,
-        };
-        // Port 9 (discard) on loopback: nothing listens there, so the decoy fails at once.
-        let config = format!(
-            "listen: \"127.0.0.1:0\"\n\
-             cache:\n  dir: {cache}\n\
-             default_upstream: \"{default_upstream}\"\n\
-             upstreams:\n\
-             \x20 - name: \"{upstream}\"\n\
-             \x20   url: \"https://{upstream}\"\n\
-             \x20   username: {USER}\n\
-             \x20   password: {PASSWORD}\n\
-             \x20   ca_file: {ca}\n\
-             \x20 - name: \"{DECOY}\"\n\
-             \x20   url: \"https://127.0.0.1:9\"\n\
-             log:\n  format: json\n  level: info\n",
-            cache = cache_dir.display(),
-            upstream = registry.addr,
-            ca = tls.ca_file.display(),
-        );
-        let config_path = dir.join(format!("regcache-{run}.yaml"));
-        write(&config_path, config);
+        let config = write_config(dir, run, cache_dir, registry, tls, default_upstream, false);
+        Mirror::start_with(dir, run, &config)
+    }
+
+    /// Starts `regcache serve --config CONFIG`, logging to `<dir>/regcache-<run>.log`.
+    pub fn start_with(dir: &Path, run: &str, config_path: &Path) -> Mirror {
         let mut daemon = Daemon::spawn(
             &format!("regcache ({run})"),
             command(&binary())
                 .arg("serve")
                 .arg("--config")
-                .arg(&config_path),
+                .arg(config_path),
             &dir.join(format!("regcache-{run}.log")),
         );
         let addr = daemon.wait_for_log("`listening`", listening_addr);
@@ -94,7 +76,48 @@ impl Mirror {
     }
 }
 
-fn binary() -> PathBuf {
+/// Writes `<dir>/regcache-<run>.yaml`: `cache_dir` as the cache, `registry` as an upstream with
+/// its credentials and the test CA, and a decoy upstream; with `offline`, every upstream is
+/// served from the cache only.
+pub fn write_config(
+    dir: &Path,
+    run: &str,
+    cache_dir: &Path,
+    registry: &Registry,
+    tls: &Tls,
+    default_upstream: DefaultUpstream,
+    offline: bool,
+) -> PathBuf {
+    let default_upstream = match default_upstream {
+        DefaultUpstream::Registry => registry.addr.as_str(),
+        DefaultUpstream::Decoy => DECOY,
+    };
+    // Port 9 (discard) on loopback: nothing listens there, so the decoy fails at once.
+    let config = format!(
+        "listen: \"127.0.0.1:0\"\n\
+         cache:\n  dir: {cache}\n\
+         default_upstream: \"{default_upstream}\"\n\
+         offline: {offline}\n\
+         upstreams:\n\
+         \x20 - name: \"{upstream}\"\n\
+         \x20   url: \"https://{upstream}\"\n\
+         \x20   username: {USER}\n\
+         \x20   password: {PASSWORD}\n\
+         \x20   ca_file: {ca}\n\
+         \x20 - name: \"{DECOY}\"\n\
+         \x20   url: \"https://127.0.0.1:9\"\n\
+         log:\n  format: json\n  level: info\n",
+        cache = cache_dir.display(),
+        upstream = registry.addr,
+        ca = tls.ca_file.display(),
+    );
+    let config_path = dir.join(format!("regcache-{run}.yaml"));
+    write(&config_path, config);
+    config_path
+}
+
+/// The built `regcache` binary.
+pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_regcache"))
 }
 

@@ -112,6 +112,19 @@ impl Skopeo {
         run(&mut cmd, COMMAND_TIMEOUT);
     }
 
+    /// Copies between two containers/image transports (`oci:DIR:REF`, `oci-archive:FILE:REF`,
+    /// `dir:DIR`, `docker://...`), every image of an index with `all`, preserving digests.
+    /// `src_flags` are the source's access flags (`Source::flags("src-")` for a registry).
+    pub fn copy(&self, src: &str, dest: &str, all: bool, src_flags: &[String]) {
+        let mut cmd = self.command();
+        cmd.args(["copy", "--quiet", "--preserve-digests"]);
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.args(src_flags).arg(src).arg(dest);
+        run(&mut cmd, COMMAND_TIMEOUT);
+    }
+
     /// The manifest or index bytes exactly as `source` serves them for `reference`.
     pub fn inspect_raw(&self, source: &Source, reference: &str) -> Vec<u8> {
         let mut cmd = self.command();

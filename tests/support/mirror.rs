@@ -24,6 +24,7 @@ struct UpstreamEntry {
     name: String,
     url: String,
     credentials: Option<(String, String)>,
+    offline: bool,
 }
 
 /// The mirror's configuration, as YAML, plus what starting it needs.
@@ -36,6 +37,7 @@ pub struct MirrorBuilder {
     attempts: u32,
     read_timeout: String,
     fill_timeout: String,
+    offline: bool,
 }
 
 impl MirrorBuilder {
@@ -49,6 +51,7 @@ impl MirrorBuilder {
             attempts: 3,
             read_timeout: "5s".to_owned(),
             fill_timeout: "10m".to_owned(),
+            offline: false,
         }
     }
 
@@ -58,6 +61,7 @@ impl MirrorBuilder {
             name: name.to_owned(),
             url: url.to_owned(),
             credentials: None,
+            offline: false,
         });
         self
     }
@@ -74,6 +78,7 @@ impl MirrorBuilder {
             name: name.to_owned(),
             url: url.to_owned(),
             credentials: Some((username.to_owned(), password.to_owned())),
+            offline: false,
         });
         self
     }
@@ -87,6 +92,20 @@ impl MirrorBuilder {
     /// `cache.tag_ttl`, in the config's human-readable form (`600ms`, `5m`).
     pub fn tag_ttl(mut self, ttl: &str) -> MirrorBuilder {
         self.tag_ttl = ttl.to_owned();
+        self
+    }
+
+    /// The global `offline` switch: every upstream is served from the cache only.
+    pub fn offline(mut self, offline: bool) -> MirrorBuilder {
+        self.offline = offline;
+        self
+    }
+
+    /// Marks the upstream named `name` `offline: true`.
+    pub fn upstream_offline(mut self, name: &str) -> MirrorBuilder {
+        for up in self.upstreams.iter_mut().filter(|u| u.name == name) {
+            up.offline = true;
+        }
         self
     }
 
@@ -127,6 +146,7 @@ impl MirrorBuilder {
              default_upstream: {default}\n\
              upstream_client:\n  connect_timeout: 2s\n  read_timeout: {read_timeout}\n  attempts: {attempts}\n  retry_backoff: 10ms\n\
              server:\n  shutdown_timeout: 2s\n  header_read_timeout: 5s\n\
+             offline: {offline}\n\
              upstreams:\n",
             dir = q(&self.dir.to_string_lossy()),
             ttl = q(&self.tag_ttl),
@@ -134,6 +154,7 @@ impl MirrorBuilder {
             attempts = self.attempts,
             read_timeout = q(&self.read_timeout),
             fill_timeout = q(&self.fill_timeout),
+            offline = self.offline,
         );
         for up in &self.upstreams {
             yaml.push_str(&format!(
@@ -141,6 +162,9 @@ impl MirrorBuilder {
                 q(&up.name),
                 q(&up.url)
             ));
+            if up.offline {
+                yaml.push_str("    offline: true\n");
+            }
             if let Some((user, pass)) = &up.credentials {
                 yaml.push_str(&format!(
                     "    username: {}\n    password: {}\n",
