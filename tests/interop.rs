@@ -33,7 +33,8 @@ use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
 use mirror::{DefaultUpstream, Mirror, metric_sum};
-use registry::{Registry, Tls};
+use process::{COMMAND_TIMEOUT, command, run};
+use registry::{PASSWORD, Registry, Tls, USER};
 use skopeo::{Skopeo, Source};
 
 /// A repository name with more than one component, as most private registries use.
@@ -342,5 +343,79 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
         "multi",
         &multi.index,
         &World::index_blobs(&multi),
+    );
+}
+
+/// A loopback port nothing listens on: bound by the kernel, then released.
+fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    listener.local_addr().expect("a bound address").port()
+}
+
+#[test]
+fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
+    let world = World::new();
+    // Images are named after a registry host where nothing listens; only the mirror knows that
+    // this name is served by the test registry. containerd's fallback `server` from node-config
+    // is that dead address, so every pull that succeeds came through the mirror.
+    let dead = format!("127.0.0.1:{}", dead_port());
+    let config = format!(
+        "listen: \"127.0.0.1:0\"\n\
+         cache:\n  dir: {cache}\n\
+         default_upstream: \"{dead}\"\n\
+         upstreams:\n\
+         \x20 - name: \"{dead}\"\n\
+         \x20   url: \"https://{registry}\"\n\
+         \x20   username: {USER}\n\
+         \x20   password: {PASSWORD}\n\
+         \x20   ca_file: {ca}\n\
+         log:\n  format: json\n  level: info\n",
+        cache = world.path("cache").display(),
+        registry = world.registry.addr,
+        ca = world.tls.ca_file.display(),
+    );
+    let mirror = Mirror::start_with_config(world.dir.path(), "node-config", &config);
+
+    let hosts_dir = world.path("node-certs.d");
+    let output = run(
+        command(&mirror::binary())
+            .arg("node-config")
+            .arg("--config")
+            .arg(Mirror::config_path(world.dir.path(), "node-config"))
+            .arg("--mirror")
+            .arg(format!("http://{}", mirror.addr))
+            .arg("--runtime")
+            .arg("containerd")
+            .arg("--out")
+            .arg(&hosts_dir),
+        COMMAND_TIMEOUT,
+    );
+    let hosts_toml = hosts_dir.join(&dead).join("hosts.toml");
+    assert!(
+        hosts_toml.is_file(),
+        "node-config wrote no {}: {}",
+        hosts_toml.display(),
+        output.stdout_text()
+    );
+
+    let pushed = &world.pushed;
+    let containerd = Containerd::start();
+    for (tag, digest) in [
+        ("v1", &pushed.v1.manifest.digest),
+        ("multi", &pushed.multi.index.digest),
+    ] {
+        let reference = format!("{dead}/{NAME}:{tag}");
+        containerd.pull(&hosts_dir, &reference, "linux/amd64");
+        assert_eq!(
+            &containerd.image_digest(&reference),
+            digest,
+            "ctr pulled another {reference}"
+        );
+    }
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let metrics = mirror.metrics();
+    assert!(
+        metric_sum(&metrics, "regcache_upstream_requests_total") > 0.0,
+        "regcache counted no upstream requests:\n{metrics}"
     );
 }

@@ -64,7 +64,13 @@ impl Mirror {
             upstream = registry.addr,
             ca = tls.ca_file.display(),
         );
-        let config_path = dir.join(format!("regcache-{run}.yaml"));
+        Mirror::start_with_config(dir, run, &config)
+    }
+
+    /// Starts regcache with `config` (YAML; it must listen on 127.0.0.1:0 and log JSON), saved
+    /// as `<dir>/regcache-<run>.yaml`.
+    pub fn start_with_config(dir: &Path, run: &str, config: &str) -> Mirror {
+        let config_path = Mirror::config_path(dir, run);
         write(&config_path, config);
         let mut daemon = Daemon::spawn(
             &format!("regcache ({run})"),
@@ -82,6 +88,10 @@ impl Mirror {
         Mirror { addr, daemon }
     }
 
+    pub fn config_path(dir: &Path, run: &str) -> PathBuf {
+        dir.join(format!("regcache-{run}.yaml"))
+    }
+
     /// The Prometheus text of `GET /metrics`.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(&self.addr, "/metrics");
@@ -94,7 +104,7 @@ impl Mirror {
     }
 }
 
-fn binary() -> PathBuf {
+pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_regcache"))
 }
 
