@@ -59,6 +59,13 @@ struct NodeConfigArgs {
     /// File holding that user's password (a mounted Secret key).
     #[arg(long, requires = "username")]
     password_file: Option<PathBuf>,
+    /// Also create the mirror's cache directory (a hostPath seen at this path), owned by
+    /// --cache-owner, so a non-root mirror can write to it.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// UID:GID owning --cache-dir.
+    #[arg(long, default_value = "65532:65532")]
+    cache_owner: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

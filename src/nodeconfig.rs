@@ -315,6 +315,23 @@ pub fn write(out: &Path, files: &[File]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Creates the mirror's cache directory on the node (a hostPath) owned by `uid:gid`, the user
+/// the mirror runs as, so that a non-root mirror can write to it. Changes nothing that is
+/// already so; never recurses (an existing cache keeps its files' owners).
+pub fn prepare_cache_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    let fail = |source| Error::Write {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(fail)?;
+    let meta = fs::metadata(dir).map_err(fail)?;
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(fail)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +500,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, ["hosts.toml"]);
+    }
+
+    #[test]
+    fn prepare_cache_dir_creates_the_directory_and_keeps_an_existing_one() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("var/lib/regcache");
+        let meta = fs::metadata(dir.path()).unwrap();
+        // The current owner: works unprivileged, and is what a second run finds.
+        prepare_cache_dir(&cache, meta.uid(), meta.gid()).unwrap();
+        fs::write(cache.join("blob"), b"kept").unwrap();
+        prepare_cache_dir(&cache, meta.uid(), meta.gid()).unwrap();
+        assert_eq!(fs::read(cache.join("blob")).unwrap(), b"kept");
     }
 
     #[test]

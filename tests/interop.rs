@@ -419,3 +419,64 @@ fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
         "regcache counted no upstream requests:\n{metrics}"
     );
 }
+
+/// The container image as CI builds it, without a container engine: `image/build-oci-layout.sh`
+/// packs the binary (`REGCACHE_IMAGE_BINARY`, the static release build in CI; else this test
+/// build's own binary) into an OCI layout, skopeo pushes it to the registry, and containerd pulls
+/// and unpacks it through the mirror, getting the digest the script printed.
+#[test]
+fn image_built_without_an_engine_pulls_through_the_mirror() {
+    let world = World::new();
+    let (binary, allow_dynamic) = match std::env::var_os("REGCACHE_IMAGE_BINARY") {
+        Some(path) => (PathBuf::from(path), "0"),
+        None => (mirror::binary(), "1"),
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("image/build-oci-layout.sh");
+    let layout = world.path("image-layout");
+    let built = run(
+        command(&PathBuf::from("bash"))
+            .arg(&script)
+            .arg(&binary)
+            .arg(&layout)
+            .arg("ci")
+            .env("ALLOW_DYNAMIC", allow_dynamic),
+        COMMAND_TIMEOUT,
+    );
+    let digest = built.stdout_text().trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "the script printed no digest: {digest:?}"
+    );
+    // The manifest the script wrote names a non-root user and the binary as entrypoint.
+    let blob = |digest: &str| {
+        let path = layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    };
+    let manifest: Value = serde_json::from_slice(&blob(&digest)).expect("manifest is JSON");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("a config digest");
+    let config: Value = serde_json::from_slice(&blob(config_digest)).expect("config is JSON");
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(config["config"]["Entrypoint"][0], "/regcache");
+
+    world.skopeo.push(
+        &layout,
+        "ci",
+        &world.registry,
+        &world.tls,
+        "regcache:ci",
+        None,
+    );
+    let mirror = world.start_mirror("image", DefaultUpstream::Decoy);
+    let hosts_dir = write_hosts_dir(&world.path("image-certs.d"), &world.registry, &mirror);
+    let containerd = Containerd::start();
+    let reference = format!("{}/regcache:ci", world.registry.addr);
+    containerd.pull(&hosts_dir, &reference, "linux/amd64");
+    assert_eq!(
+        containerd.image_digest(&reference),
+        digest,
+        "ctr pulled another image"
+    );
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+}
