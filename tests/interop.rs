@@ -17,6 +17,8 @@ mod image;
 mod mirror;
 #[path = "interop/process.rs"]
 mod process;
+#[path = "interop/prometheus.rs"]
+mod prometheus;
 #[path = "interop/registry.rs"]
 mod registry;
 #[path = "interop/skopeo.rs"]
@@ -33,7 +35,8 @@ use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
 use mirror::{DefaultUpstream, Mirror, metric_sum};
-use process::{COMMAND_TIMEOUT, command, run};
+use process::{COMMAND_TIMEOUT, START_TIMEOUT, command, run, wait_for};
+use prometheus::Prometheus;
 use registry::{PASSWORD, Registry, Tls, USER};
 use skopeo::{Skopeo, Source};
 
@@ -479,4 +482,95 @@ fn image_built_without_an_engine_pulls_through_the_mirror() {
         "ctr pulled another image"
     );
     assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+}
+
+/// The monitoring component against a real Prometheus: after pulls through the mirror (a cold
+/// one and a cached one), every expression of the Grafana dashboard returns data, and every
+/// alert rule passes `promtool check rules`, evaluates without error and is accepted by the
+/// query API.
+#[test]
+fn monitoring_dashboard_and_alerts_work_on_regcache_metrics() {
+    let world = World::new();
+    let mirror = world.start_mirror("monitored", DefaultUpstream::Registry);
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-cold", "v1");
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-warm", "v1");
+
+    // The PrometheusRule's spec is a plain rules file (JSON is YAML).
+    let rule_resource = process::read(&prometheus::component_file("prometheusrule.yaml"));
+    let rule_resource: Value =
+        serde_saphyr::from_slice(&rule_resource).expect("prometheusrule.yaml is YAML");
+    let rules_file = world.path("rules.yml");
+    process::write(&rules_file, rule_resource["spec"].to_string());
+    prometheus::check_rules(&rules_file);
+
+    let prom_dir = world.path("prometheus");
+    std::fs::create_dir_all(&prom_dir).expect("creating Prometheus's directory");
+    let prom = Prometheus::start(&prom_dir, &mirror.addr, &rules_file);
+    // rate() over a window needs two samples of a series; wait for three scrapes.
+    wait_for("three scrapes of regcache", START_TIMEOUT, || {
+        let result = prom.query("count_over_time(regcache_build_info[5m])");
+        match result[0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(samples) if samples >= 3.0 => Ok(()),
+            _ => Err(format!("{result}")),
+        }
+    });
+    // One more pull between scrapes, so rates are above zero.
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-again", "v1");
+    wait_for("a scrape after the last pull", START_TIMEOUT, || {
+        let result = prom.query("sum(increase(regcache_cache_hits_total[5m])) > 0");
+        match result.as_array().map(Vec::len) {
+            Some(n) if n > 0 => Ok(()),
+            _ => Err(format!("{result}")),
+        }
+    });
+
+    let dashboard: Value = serde_json::from_slice(&process::read(&prometheus::component_file(
+        "regcache-dashboard.json",
+    )))
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has panels");
+    assert!(!panels.is_empty(), "the dashboard has no panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("a panel has targets") {
+            let expr = target["expr"].as_str().expect("a target has an expr");
+            let result = prom.query(expr);
+            assert!(
+                result.as_array().is_some_and(|r| !r.is_empty()),
+                "panel {:?}: {expr:?} returned no data",
+                panel["title"]
+            );
+        }
+    }
+
+    for rule in rule_resource["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("the group has rules")
+    {
+        let expr = rule["expr"].as_str().expect("a rule has an expr");
+        prom.query(expr);
+    }
+    // Prometheus evaluated every rule without error.
+    wait_for("every alert rule to be evaluated", START_TIMEOUT, || {
+        let rules = prom.rules();
+        let loaded = &rules["data"]["groups"][0]["rules"];
+        let all = loaded.as_array().map(Vec::len).unwrap_or(0);
+        let expected = rule_resource["spec"]["groups"][0]["rules"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0);
+        let healthy = loaded
+            .as_array()
+            .map(|r| r.iter().filter(|r| r["health"] == "ok").count())
+            .unwrap_or(0);
+        if all == expected && healthy == all {
+            Ok(())
+        } else {
+            Err(format!("{rules}"))
+        }
+    });
 }

@@ -120,7 +120,7 @@ fn listening_addr(line: &str) -> Option<String> {
 
 /// A bare HTTP/1.0 GET: a 1.0 request gets a plain, unchunked body ended by the connection
 /// closing, which is all this needs to read.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let timeout = Duration::from_secs(10);
     let socket = addr.parse().expect("regcache logged a socket address");
     let mut stream = TcpStream::connect_timeout(&socket, timeout)
