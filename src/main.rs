@@ -101,8 +101,13 @@ fn node_config(args: NodeConfigArgs) -> Result<(), String> {
         RuntimeArg::K3s => Runtime::K3s,
         RuntimeArg::Crio => Runtime::Crio,
     };
-    let files =
-        nodeconfig::render(runtime, &config.upstreams, &options).map_err(|e| e.to_string())?;
+    let files = nodeconfig::render(
+        runtime,
+        &config.upstreams,
+        &config.default_upstream,
+        &options,
+    )
+    .map_err(|e| e.to_string())?;
     match args.out {
         Some(out) => {
             nodeconfig::write(&out, &files).map_err(|e| e.to_string())?;

@@ -134,9 +134,12 @@ pub struct File {
 }
 
 /// The files pointing `runtime` at the mirror for each of `upstreams`.
+/// `default_upstream` is the one a request naming no registry goes to (config key
+/// `default_upstream`).
 pub fn render(
     runtime: Runtime,
     upstreams: &[UpstreamConfig],
+    default_upstream: &str,
     options: &Options,
 ) -> Result<Vec<File>, Error> {
     match runtime {
@@ -145,7 +148,9 @@ pub fn render(
             .map(|upstream| containerd_hosts(&upstream.name, options))
             .collect(),
         Runtime::K3s => Ok(vec![k3s_registries(upstreams, options)]),
-        Runtime::Crio => crio_registries_conf(upstreams, options).map(|file| vec![file]),
+        Runtime::Crio => {
+            crio_registries_conf(upstreams, default_upstream, options).map(|file| vec![file])
+        }
     }
 }
 
@@ -255,7 +260,11 @@ fn k3s_registries(upstreams: &[UpstreamConfig], options: &Options) -> File {
     }
 }
 
-fn crio_registries_conf(upstreams: &[UpstreamConfig], options: &Options) -> Result<File, Error> {
+fn crio_registries_conf(
+    upstreams: &[UpstreamConfig],
+    default_upstream: &str,
+    options: &Options,
+) -> Result<File, Error> {
     if options.credentials.is_some() {
         return Err(Error::Unsupported(
             "CRI-O and podman do not read mirror credentials from registries.conf: put them in \
@@ -278,12 +287,26 @@ fn crio_registries_conf(upstreams: &[UpstreamConfig], options: &Options) -> Resu
     );
     for upstream in upstreams {
         let name = &upstream.name;
+        // The default upstream needs no prefix. A prefix with a port (`host:5000`) is not a
+        // valid repository path component, so containers/image cannot send one.
+        let location = if name == default_upstream {
+            options.mirror.authority.clone()
+        } else if name.contains(':') {
+            let _ = write!(
+                conf,
+                "\n# {name}: not mirrored. containers/image cannot name a registry with a port in\n\
+                 # a mirror path; make it regcache's default_upstream to mirror it here.\n"
+            );
+            continue;
+        } else {
+            format!("{}/{name}", options.mirror.authority)
+        };
         let _ = write!(
             conf,
             "\n[[registry]]\nprefix = {name_str}\nlocation = {name_str}\n\n\
              [[registry.mirror]]\nlocation = {mirror}\n",
             name_str = toml_string(name),
-            mirror = toml_string(&format!("{}/{name}", options.mirror.authority)),
+            mirror = toml_string(&location),
         );
         if options.mirror.is_plain_http() {
             conf.push_str("insecure = true\n");
@@ -380,6 +403,7 @@ mod tests {
         let files = render(
             Runtime::Containerd,
             &upstreams(),
+            "docker.io",
             &options("http://10.0.0.7:5000"),
         )
         .unwrap();
@@ -410,7 +434,13 @@ mod tests {
             username: "node".into(),
             password: Secret::new("s3cret"),
         });
-        let files = render(Runtime::Containerd, &[upstream("ghcr.io")], &options).unwrap();
+        let files = render(
+            Runtime::Containerd,
+            &[upstream("ghcr.io")],
+            "ghcr.io",
+            &options,
+        )
+        .unwrap();
         let toml = &files[0].contents;
         assert!(toml.contains("  ca = \"/etc/regcache/ca.pem\"\n"));
         // base64("node:s3cret")
@@ -423,7 +453,7 @@ mod tests {
     #[test]
     fn k3s_lists_every_upstream_and_the_mirror_credentials() {
         let mut options = options("http://10.0.0.7:5000");
-        let plain = render(Runtime::K3s, &upstreams(), &options).unwrap();
+        let plain = render(Runtime::K3s, &upstreams(), "docker.io", &options).unwrap();
         assert_eq!(plain[0].path, Path::new("registries.yaml"));
         assert!(plain[0].contents.contains(
             "mirrors:\n  \"docker.io\":\n    endpoint:\n      - \"http://10.0.0.7:5000\"\n  \
@@ -434,7 +464,7 @@ mod tests {
             username: "node".into(),
             password: Secret::new("pa\"ss"),
         });
-        let with_auth = render(Runtime::K3s, &upstreams(), &options).unwrap();
+        let with_auth = render(Runtime::K3s, &upstreams(), "docker.io", &options).unwrap();
         assert!(with_auth[0].contents.contains(
             "configs:\n  \"10.0.0.7:5000\":\n    auth:\n      username: \"node\"\n      \
              password: \"pa\\\"ss\"\n"
@@ -443,22 +473,45 @@ mod tests {
 
     #[test]
     fn crio_mirrors_name_the_registry_as_a_path_prefix() {
+        let mut all = upstreams();
+        all.push(upstream("ghcr.io"));
         let files = render(
             Runtime::Crio,
-            &upstreams(),
+            &all,
+            "docker.io",
             &options("http://10.0.0.7:5000"),
         )
         .unwrap();
         assert_eq!(files[0].path, Path::new("50-regcache.conf"));
         let conf = &files[0].contents;
+        // The default upstream is what the mirror serves for unprefixed names.
         assert!(conf.contains(
             "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\n\
-             [[registry.mirror]]\nlocation = \"10.0.0.7:5000/docker.io\"\ninsecure = true\n"
+             [[registry.mirror]]\nlocation = \"10.0.0.7:5000\"\ninsecure = true\n"
         ));
-        assert!(conf.contains("location = \"10.0.0.7:5000/registry.example.com:5000\"\n"));
+        assert!(conf.contains(
+            "[[registry]]\nprefix = \"ghcr.io\"\nlocation = \"ghcr.io\"\n\n\
+             [[registry.mirror]]\nlocation = \"10.0.0.7:5000/ghcr.io\"\ninsecure = true\n"
+        ));
+        // A port cannot be a path component: that registry is left out, with the reason.
+        assert!(!conf.contains("prefix = \"registry.example.com:5000\""));
+        assert!(conf.contains("# registry.example.com:5000: not mirrored."));
+        // As the default upstream it is mirrored without a prefix.
+        let files = render(
+            Runtime::Crio,
+            &upstreams(),
+            "registry.example.com:5000",
+            &options("http://10.0.0.7:5000"),
+        )
+        .unwrap();
+        assert!(files[0].contents.contains(
+            "prefix = \"registry.example.com:5000\"\nlocation = \"registry.example.com:5000\"\n\n\
+             [[registry.mirror]]\nlocation = \"10.0.0.7:5000\"\n"
+        ));
         let https = render(
             Runtime::Crio,
             &upstreams(),
+            "ghcr.io",
             &options("https://regcache.example"),
         )
         .unwrap();
@@ -472,7 +525,7 @@ mod tests {
             username: "node".into(),
             password: Secret::new("x"),
         });
-        let err = render(Runtime::Crio, &upstreams(), &options).unwrap_err();
+        let err = render(Runtime::Crio, &upstreams(), "docker.io", &options).unwrap_err();
         assert!(err.to_string().contains("auth file"), "{err}");
     }
 
@@ -482,6 +535,7 @@ mod tests {
         let files = render(
             Runtime::Containerd,
             &upstreams(),
+            "docker.io",
             &options("http://10.0.0.7:5000"),
         )
         .unwrap();
@@ -489,6 +543,7 @@ mod tests {
         let files = render(
             Runtime::Containerd,
             &upstreams(),
+            "docker.io",
             &options("http://10.0.0.8:5000"),
         )
         .unwrap();
@@ -520,6 +575,7 @@ mod tests {
         let err = render(
             Runtime::Containerd,
             &[upstream("../etc")],
+            "docker.io",
             &options("http://10.0.0.7:5000"),
         )
         .unwrap_err();

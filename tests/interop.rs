@@ -349,6 +349,10 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
     );
 }
 
+/// A second upstream name for the test registry, as a registry without a port would be named;
+/// `.test` names never resolve.
+const PREFIXED: &str = "registry.test";
+
 /// A loopback port nothing listens on: bound by the kernel, then released.
 fn dead_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
@@ -368,6 +372,11 @@ fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
          default_upstream: \"{dead}\"\n\
          upstreams:\n\
          \x20 - name: \"{dead}\"\n\
+         \x20   url: \"https://{registry}\"\n\
+         \x20   username: {USER}\n\
+         \x20   password: {PASSWORD}\n\
+         \x20   ca_file: {ca}\n\
+         \x20 - name: \"{PREFIXED}\"\n\
          \x20   url: \"https://{registry}\"\n\
          \x20   username: {USER}\n\
          \x20   password: {PASSWORD}\n\
@@ -403,11 +412,12 @@ fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
 
     let pushed = &world.pushed;
     let containerd = Containerd::start();
-    for (tag, digest) in [
-        ("v1", &pushed.v1.manifest.digest),
-        ("multi", &pushed.multi.index.digest),
+    for (registry, tag, digest) in [
+        (dead.as_str(), "v1", &pushed.v1.manifest.digest),
+        (dead.as_str(), "multi", &pushed.multi.index.digest),
+        (PREFIXED, "v1-docker", &pushed.docker.digest),
     ] {
-        let reference = format!("{dead}/{NAME}:{tag}");
+        let reference = format!("{registry}/{NAME}:{tag}");
         containerd.pull(&hosts_dir, &reference, "linux/amd64");
         assert_eq!(
             &containerd.image_digest(&reference),
@@ -421,6 +431,40 @@ fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
         metric_sum(&metrics, "regcache_upstream_requests_total") > 0.0,
         "regcache counted no upstream requests:\n{metrics}"
     );
+
+    // podman and CRI-O, configured by the registries.conf drop-in: the mirror location carries
+    // the registry as a path prefix, which routes the request as `ns` does for containerd.
+    let conf_dir = world.path("registries.conf.d");
+    run(
+        command(&mirror::binary())
+            .arg("node-config")
+            .arg("--config")
+            .arg(Mirror::config_path(world.dir.path(), "node-config"))
+            .arg("--mirror")
+            .arg(format!("http://{}", mirror.addr))
+            .arg("--runtime")
+            .arg("crio")
+            .arg("--out")
+            .arg(&conf_dir),
+        COMMAND_TIMEOUT,
+    );
+    let pulled = world.path("crio-v1");
+    world.skopeo.pull_configured(
+        &conf_dir.join("50-regcache.conf"),
+        &format!("{dead}/{NAME}:v1"),
+        &format!("oci:{}:v1", pulled.display()),
+    );
+    verify_pulled_layout(&pulled, "v1", &pushed.v1.manifest, &pushed.v1.all_blobs());
+    // A registry other than the default: the mirror location is `<mirror>/registry.test`, and
+    // registry.test itself does not resolve.
+    let pulled = world.path("crio-multi");
+    world.skopeo.pull_configured(
+        &conf_dir.join("50-regcache.conf"),
+        &format!("{PREFIXED}/{NAME}:multi"),
+        &format!("oci:{}:multi", pulled.display()),
+    );
+    let blobs = World::index_blobs(&pushed.multi);
+    verify_pulled_layout(&pulled, "multi", &pushed.multi.index, &blobs);
 }
 
 /// The container image as CI builds it, without a container engine: `image/build-oci-layout.sh`
