@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Assembles the regcache container image as an OCI image layout, without a container engine:
 # one layer holding the static binary and the CA bundle, the same image the Dockerfile builds
-# (non-root user 65532, no shell, entrypoint /regcache). Runs as root (it sets file owners).
+# (non-root user 65532, no shell, entrypoint /regcache). Needs no root: owners are set in the tar.
 #
 #   image/build-oci-layout.sh BINARY LAYOUT_DIR [TAG]
 #
@@ -44,12 +44,12 @@ install -m 0644 "$ca_bundle" "$root/etc/ssl/certs/ca-certificates.crt"
 # mounted there). Fixed order, owners and times: the layer's digest depends only on contents.
 chmod 0755 "$root" "$root/etc" "$root/etc/ssl" "$root/etc/ssl/certs" "$root/etc/regcache" \
     "$root/var" "$root/var/lib" "$root/var/lib/regcache"
-chown -R 0:0 "$root"
-chown 65532:65532 "$root/var/lib/regcache"
-tar --create --file "$work/layer.tar" --directory "$root" --sort=name --mtime=@0 \
-    --numeric-owner --format=posix \
-    --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
-    regcache etc var
+reproducible=(--sort=name --mtime=@0 --numeric-owner --format=posix
+    --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime)
+tar --create --file "$work/layer.tar" --directory "$root" "${reproducible[@]}" \
+    --owner=0 --group=0 --exclude=./var/lib/regcache ./regcache ./etc ./var
+tar --append --file "$work/layer.tar" --directory "$root" "${reproducible[@]}" \
+    --owner=65532 --group=65532 --no-recursion ./var/lib/regcache
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 gzip -n -9 "$work/layer.tar"
 
