@@ -51,7 +51,7 @@ tar --create --file "$work/layer.tar" --directory "$root" "${reproducible[@]}" \
 tar --append --file "$work/layer.tar" --directory "$root" "${reproducible[@]}" \
     --owner=65532 --group=65532 --no-recursion ./var/lib/regcache
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-gzip -n -9 "$work/layer.tar"
+gzip -n "$work/layer.tar"
 
 rm -rf "$layout"
 mkdir -p "$layout/blobs/sha256"

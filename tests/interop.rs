@@ -618,3 +618,33 @@ fn monitoring_dashboard_and_alerts_work_on_regcache_metrics() {
         }
     });
 }
+
+/// The config the Kubernetes manifests ship (deploy/base/regcache.yaml) is one regcache
+/// accepts, and node-config renders every runtime's files from it.
+#[test]
+fn the_deployed_config_is_valid_and_renders_node_config() {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/base/regcache.yaml");
+    run(
+        command(&mirror::binary())
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config),
+        COMMAND_TIMEOUT,
+    );
+    for runtime in ["containerd", "k3s", "crio"] {
+        let output = run(
+            command(&mirror::binary())
+                .arg("node-config")
+                .arg("--config")
+                .arg(&config)
+                .arg("--mirror=http://10.0.0.7:5000")
+                .arg(format!("--runtime={runtime}")),
+            COMMAND_TIMEOUT,
+        );
+        assert!(
+            output.stdout_text().contains("10.0.0.7:5000"),
+            "node-config --runtime {runtime} printed no mirror:\n{}",
+            output.stdout_text()
+        );
+    }
+}
