@@ -108,6 +108,14 @@ fn node_config(args: NodeConfigArgs) -> Result<(), String> {
         &options,
     )
     .map_err(|e| e.to_string())?;
+    if let Some(dir) = &args.cache_dir {
+        let (uid, gid) = args
+            .cache_owner
+            .split_once(':')
+            .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)))
+            .ok_or_else(|| format!("--cache-owner {:?}: expected UID:GID", args.cache_owner))?;
+        nodeconfig::prepare_cache_dir(dir, uid, gid).map_err(|e| e.to_string())?;
+    }
     match args.out {
         Some(out) => {
             nodeconfig::write(&out, &files).map_err(|e| e.to_string())?;

@@ -648,3 +648,61 @@ fn the_deployed_config_is_valid_and_renders_node_config() {
         );
     }
 }
+
+/// The init containers of the manifests run `regcache node-config` with these exact arguments:
+/// run them here, with the container's paths mapped into a temporary directory, and check what
+/// the node would get.
+#[test]
+fn the_manifests_node_config_arguments_wire_a_node() {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("deploy/base/regcache.yaml");
+    for manifest in [
+        "deploy/overlays/node-local/daemonset.yaml",
+        "deploy/components/node-wiring/daemonset.yaml",
+    ] {
+        let dir = tempfile::tempdir().expect("creating a directory");
+        let text = process::read(&root.join(manifest));
+        let daemonset: Value = serde_saphyr::from_slice(&text).expect("the manifest is YAML");
+        let init = &daemonset["spec"]["template"]["spec"]["initContainers"][0];
+        let args: Vec<String> = init["args"]
+            .as_array()
+            .expect("the init container has args")
+            .iter()
+            .map(|arg| {
+                arg.as_str()
+                    .expect("args are strings")
+                    .replace("$(NODE_IP)", "10.0.0.7")
+                    .replace("/etc/regcache/regcache.yaml", &config.to_string_lossy())
+                    .replace("/host/etc/containerd", &dir.path().to_string_lossy())
+                    .replace(
+                        "/var/lib/regcache",
+                        &dir.path().join("cache").to_string_lossy(),
+                    )
+            })
+            .collect();
+        assert_eq!(args[0], "node-config", "{manifest}: {args:?}");
+        run(command(&mirror::binary()).args(&args), COMMAND_TIMEOUT);
+        let hosts = std::fs::read_to_string(dir.path().join("certs.d/docker.io/hosts.toml"))
+            .unwrap_or_else(|e| panic!("{manifest}: no docker.io/hosts.toml: {e}"));
+        assert!(
+            hosts.contains("[host.\"http://10.0.0.7:"),
+            "{manifest}: {hosts}"
+        );
+        if args.iter().any(|arg| arg.starts_with("--cache-dir")) {
+            // The mirror container's user owns the cache directory (the tests run as root).
+            let meta = std::fs::metadata(dir.path().join("cache")).expect("the cache directory");
+            let user = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+            assert_eq!(
+                Some(u64::from(meta.uid())),
+                user["runAsUser"].as_u64(),
+                "{manifest}"
+            );
+            assert_eq!(
+                Some(u64::from(meta.gid())),
+                user["runAsGroup"].as_u64(),
+                "{manifest}"
+            );
+        }
+    }
+}
