@@ -7,12 +7,14 @@
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `oci`: the spec's types, no IO.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
+//! - `nodeconfig`: `regcache node-config`, runtime config files pointing nodes at the mirror.
 
 pub mod airgap;
 pub mod cache;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod nodeconfig;
 pub mod oci;
 pub mod store;
 pub mod telemetry;

@@ -17,6 +17,8 @@ mod image;
 mod mirror;
 #[path = "interop/process.rs"]
 mod process;
+#[path = "interop/prometheus.rs"]
+mod prometheus;
 #[path = "interop/registry.rs"]
 mod registry;
 #[path = "interop/skopeo.rs"]
@@ -33,8 +35,9 @@ use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
 use mirror::{DefaultUpstream, Mirror, metric_sum, write_config};
-use process::{COMMAND_TIMEOUT, command, run, try_run};
-use registry::{Registry, Tls};
+use process::{COMMAND_TIMEOUT, START_TIMEOUT, command, run, try_run, wait_for};
+use prometheus::Prometheus;
+use registry::{PASSWORD, Registry, Tls, USER};
 use skopeo::{Skopeo, Source};
 
 /// A repository name with more than one component, as most private registries use.
@@ -571,4 +574,362 @@ fn air_gapped_seed_export_import_and_offline_pull() {
         "the offline mirror contacted an upstream:\n{metrics}"
     );
     assert_eq!(metric_sum(&metrics, "regcache_upstream_errors_total"), 0.0);
+}
+
+/// A second upstream name for the test registry, as a registry without a port would be named;
+/// `.test` names never resolve.
+const PREFIXED: &str = "registry.test";
+
+/// A loopback port nothing listens on: bound by the kernel, then released.
+fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    listener.local_addr().expect("a bound address").port()
+}
+
+#[test]
+fn containerd_configured_only_by_node_config_pulls_through_the_mirror() {
+    let world = World::new();
+    // Images are named after a registry host where nothing listens; only the mirror knows that
+    // this name is served by the test registry. containerd's fallback `server` from node-config
+    // is that dead address, so every pull that succeeds came through the mirror.
+    let dead = format!("127.0.0.1:{}", dead_port());
+    let config = format!(
+        "listen: \"127.0.0.1:0\"\n\
+         cache:\n  dir: {cache}\n\
+         default_upstream: \"{dead}\"\n\
+         upstreams:\n\
+         \x20 - name: \"{dead}\"\n\
+         \x20   url: \"https://{registry}\"\n\
+         \x20   username: {USER}\n\
+         \x20   password: {PASSWORD}\n\
+         \x20   ca_file: {ca}\n\
+         \x20 - name: \"{PREFIXED}\"\n\
+         \x20   url: \"https://{registry}\"\n\
+         \x20   username: {USER}\n\
+         \x20   password: {PASSWORD}\n\
+         \x20   ca_file: {ca}\n\
+         log:\n  format: json\n  level: info\n",
+        cache = world.path("cache").display(),
+        registry = world.registry.addr,
+        ca = world.tls.ca_file.display(),
+    );
+    let mirror = Mirror::start_with_config(world.dir.path(), "node-config", &config);
+
+    let hosts_dir = world.path("node-certs.d");
+    let output = run(
+        command(&mirror::binary())
+            .arg("node-config")
+            .arg("--config")
+            .arg(Mirror::config_path(world.dir.path(), "node-config"))
+            .arg("--mirror")
+            .arg(format!("http://{}", mirror.addr))
+            .arg("--runtime")
+            .arg("containerd")
+            .arg("--out")
+            .arg(&hosts_dir),
+        COMMAND_TIMEOUT,
+    );
+    let hosts_toml = hosts_dir.join(&dead).join("hosts.toml");
+    assert!(
+        hosts_toml.is_file(),
+        "node-config wrote no {}: {}",
+        hosts_toml.display(),
+        output.stdout_text()
+    );
+
+    let pushed = &world.pushed;
+    let containerd = Containerd::start();
+    for (registry, tag, digest) in [
+        (dead.as_str(), "v1", &pushed.v1.manifest.digest),
+        (dead.as_str(), "multi", &pushed.multi.index.digest),
+        (PREFIXED, "v1-docker", &pushed.docker.digest),
+    ] {
+        let reference = format!("{registry}/{NAME}:{tag}");
+        containerd.pull(&hosts_dir, &reference, "linux/amd64");
+        assert_eq!(
+            &containerd.image_digest(&reference),
+            digest,
+            "ctr pulled another {reference}"
+        );
+    }
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let metrics = mirror.metrics();
+    assert!(
+        metric_sum(&metrics, "regcache_upstream_requests_total") > 0.0,
+        "regcache counted no upstream requests:\n{metrics}"
+    );
+
+    // podman and CRI-O, configured by the registries.conf drop-in: the mirror location carries
+    // the registry as a path prefix, which routes the request as `ns` does for containerd.
+    let conf_dir = world.path("registries.conf.d");
+    run(
+        command(&mirror::binary())
+            .arg("node-config")
+            .arg("--config")
+            .arg(Mirror::config_path(world.dir.path(), "node-config"))
+            .arg("--mirror")
+            .arg(format!("http://{}", mirror.addr))
+            .arg("--runtime")
+            .arg("crio")
+            .arg("--out")
+            .arg(&conf_dir),
+        COMMAND_TIMEOUT,
+    );
+    let pulled = world.path("crio-v1");
+    world.skopeo.pull_configured(
+        &conf_dir.join("50-regcache.conf"),
+        &format!("{dead}/{NAME}:v1"),
+        &format!("oci:{}:v1", pulled.display()),
+    );
+    verify_pulled_layout(&pulled, "v1", &pushed.v1.manifest, &pushed.v1.all_blobs());
+    // A registry other than the default: the mirror location is `<mirror>/registry.test`, and
+    // registry.test itself does not resolve.
+    let pulled = world.path("crio-multi");
+    world.skopeo.pull_configured(
+        &conf_dir.join("50-regcache.conf"),
+        &format!("{PREFIXED}/{NAME}:multi"),
+        &format!("oci:{}:multi", pulled.display()),
+    );
+    let blobs = World::index_blobs(&pushed.multi);
+    verify_pulled_layout(&pulled, "multi", &pushed.multi.index, &blobs);
+}
+
+/// The container image as CI builds it, without a container engine: `image/build-oci-layout.sh`
+/// packs the binary (`REGCACHE_IMAGE_BINARY`, the static release build in CI; else this test
+/// build's own binary) into an OCI layout, skopeo pushes it to the registry, and containerd pulls
+/// and unpacks it through the mirror, getting the digest the script printed.
+#[test]
+fn image_built_without_an_engine_pulls_through_the_mirror() {
+    let world = World::new();
+    let (binary, allow_dynamic) = match std::env::var_os("REGCACHE_IMAGE_BINARY") {
+        Some(path) => (PathBuf::from(path), "0"),
+        None => (mirror::binary(), "1"),
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("image/build-oci-layout.sh");
+    let layout = world.path("image-layout");
+    let built = run(
+        command(&PathBuf::from("bash"))
+            .arg(&script)
+            .arg(&binary)
+            .arg(&layout)
+            .arg("ci")
+            .env("ALLOW_DYNAMIC", allow_dynamic),
+        COMMAND_TIMEOUT,
+    );
+    let digest = built.stdout_text().trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "the script printed no digest: {digest:?}"
+    );
+    // The manifest the script wrote names a non-root user and the binary as entrypoint.
+    let blob = |digest: &str| {
+        let path = layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    };
+    let manifest: Value = serde_json::from_slice(&blob(&digest)).expect("manifest is JSON");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("a config digest");
+    let config: Value = serde_json::from_slice(&blob(config_digest)).expect("config is JSON");
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(config["config"]["Entrypoint"][0], "/regcache");
+
+    world.skopeo.push(
+        &layout,
+        "ci",
+        &world.registry,
+        &world.tls,
+        "regcache:ci",
+        None,
+    );
+    let mirror = world.start_mirror("image", DefaultUpstream::Decoy);
+    let hosts_dir = write_hosts_dir(&world.path("image-certs.d"), &world.registry, &mirror);
+    let containerd = Containerd::start();
+    let reference = format!("{}/regcache:ci", world.registry.addr);
+    containerd.pull(&hosts_dir, &reference, "linux/amd64");
+    assert_eq!(
+        containerd.image_digest(&reference),
+        digest,
+        "ctr pulled another image"
+    );
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+}
+
+/// The monitoring component against a real Prometheus: after pulls through the mirror (a cold
+/// one and a cached one), every expression of the Grafana dashboard returns data, and every
+/// alert rule passes `promtool check rules`, evaluates without error and is accepted by the
+/// query API.
+#[test]
+fn monitoring_dashboard_and_alerts_work_on_regcache_metrics() {
+    let world = World::new();
+    let mirror = world.start_mirror("monitored", DefaultUpstream::Registry);
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-cold", "v1");
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-warm", "v1");
+
+    // The PrometheusRule's spec is a plain rules file (JSON is YAML).
+    let rule_resource = process::read(&prometheus::component_file("prometheusrule.yaml"));
+    let rule_resource: Value =
+        serde_saphyr::from_slice(&rule_resource).expect("prometheusrule.yaml is YAML");
+    let rules_file = world.path("rules.yml");
+    process::write(&rules_file, rule_resource["spec"].to_string());
+    prometheus::check_rules(&rules_file);
+
+    let prom_dir = world.path("prometheus");
+    std::fs::create_dir_all(&prom_dir).expect("creating Prometheus's directory");
+    let prom = Prometheus::start(&prom_dir, &mirror.addr, &rules_file);
+    // rate() over a window needs two samples of a series; wait for three scrapes.
+    wait_for("three scrapes of regcache", START_TIMEOUT, || {
+        let result = prom.query("count_over_time(regcache_build_info[5m])");
+        match result[0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(samples) if samples >= 3.0 => Ok(()),
+            _ => Err(format!("{result}")),
+        }
+    });
+    // One more pull between scrapes, so rates are above zero.
+    world.pull_to_layout(&mirror, &format!("{NAME}:v1"), "monitored-again", "v1");
+    wait_for("a scrape after the last pull", START_TIMEOUT, || {
+        let result = prom.query("sum(increase(regcache_cache_hits_total[5m])) > 0");
+        match result.as_array().map(Vec::len) {
+            Some(n) if n > 0 => Ok(()),
+            _ => Err(format!("{result}")),
+        }
+    });
+
+    let dashboard: Value = serde_json::from_slice(&process::read(&prometheus::component_file(
+        "regcache-dashboard.json",
+    )))
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has panels");
+    assert!(!panels.is_empty(), "the dashboard has no panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("a panel has targets") {
+            let expr = target["expr"].as_str().expect("a target has an expr");
+            let result = prom.query(expr);
+            assert!(
+                result.as_array().is_some_and(|r| !r.is_empty()),
+                "panel {:?}: {expr:?} returned no data",
+                panel["title"]
+            );
+        }
+    }
+
+    for rule in rule_resource["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("the group has rules")
+    {
+        let expr = rule["expr"].as_str().expect("a rule has an expr");
+        prom.query(expr);
+    }
+    // Prometheus evaluated every rule without error.
+    wait_for("every alert rule to be evaluated", START_TIMEOUT, || {
+        let rules = prom.rules();
+        let loaded = &rules["data"]["groups"][0]["rules"];
+        let all = loaded.as_array().map(Vec::len).unwrap_or(0);
+        let expected = rule_resource["spec"]["groups"][0]["rules"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0);
+        let healthy = loaded
+            .as_array()
+            .map(|r| r.iter().filter(|r| r["health"] == "ok").count())
+            .unwrap_or(0);
+        if all == expected && healthy == all {
+            Ok(())
+        } else {
+            Err(format!("{rules}"))
+        }
+    });
+}
+
+/// The config the Kubernetes manifests ship (deploy/base/regcache.yaml) is one regcache
+/// accepts, and node-config renders every runtime's files from it.
+#[test]
+fn the_deployed_config_is_valid_and_renders_node_config() {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/base/regcache.yaml");
+    run(
+        command(&mirror::binary())
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config),
+        COMMAND_TIMEOUT,
+    );
+    for runtime in ["containerd", "k3s", "crio"] {
+        let output = run(
+            command(&mirror::binary())
+                .arg("node-config")
+                .arg("--config")
+                .arg(&config)
+                .arg("--mirror=http://10.0.0.7:5000")
+                .arg(format!("--runtime={runtime}")),
+            COMMAND_TIMEOUT,
+        );
+        assert!(
+            output.stdout_text().contains("10.0.0.7:5000"),
+            "node-config --runtime {runtime} printed no mirror:\n{}",
+            output.stdout_text()
+        );
+    }
+}
+
+/// The init containers of the manifests run `regcache node-config` with these exact arguments:
+/// run them here, with the container's paths mapped into a temporary directory, and check what
+/// the node would get.
+#[test]
+fn the_manifests_node_config_arguments_wire_a_node() {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("deploy/base/regcache.yaml");
+    for manifest in [
+        "deploy/overlays/node-local/daemonset.yaml",
+        "deploy/components/node-wiring/daemonset.yaml",
+    ] {
+        let dir = tempfile::tempdir().expect("creating a directory");
+        let text = process::read(&root.join(manifest));
+        let daemonset: Value = serde_saphyr::from_slice(&text).expect("the manifest is YAML");
+        let init = &daemonset["spec"]["template"]["spec"]["initContainers"][0];
+        let args: Vec<String> = init["args"]
+            .as_array()
+            .expect("the init container has args")
+            .iter()
+            .map(|arg| {
+                arg.as_str()
+                    .expect("args are strings")
+                    .replace("$(NODE_IP)", "10.0.0.7")
+                    .replace("/etc/regcache/regcache.yaml", &config.to_string_lossy())
+                    .replace("/host/etc/containerd", &dir.path().to_string_lossy())
+                    .replace(
+                        "/var/lib/regcache",
+                        &dir.path().join("cache").to_string_lossy(),
+                    )
+            })
+            .collect();
+        assert_eq!(args[0], "node-config", "{manifest}: {args:?}");
+        run(command(&mirror::binary()).args(&args), COMMAND_TIMEOUT);
+        let hosts = std::fs::read_to_string(dir.path().join("certs.d/docker.io/hosts.toml"))
+            .unwrap_or_else(|e| panic!("{manifest}: no docker.io/hosts.toml: {e}"));
+        assert!(
+            hosts.contains("[host.\"http://10.0.0.7:"),
+            "{manifest}: {hosts}"
+        );
+        if args.iter().any(|arg| arg.starts_with("--cache-dir")) {
+            // The mirror container's user owns the cache directory (the tests run as root).
+            let meta = std::fs::metadata(dir.path().join("cache")).expect("the cache directory");
+            let user = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+            assert_eq!(
+                Some(u64::from(meta.uid())),
+                user["runAsUser"].as_u64(),
+                "{manifest}"
+            );
+            assert_eq!(
+                Some(u64::from(meta.gid())),
+                user["runAsGroup"].as_u64(),
+                "{manifest}"
+            );
+        }
+    }
 }

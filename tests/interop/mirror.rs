@@ -64,6 +64,18 @@ impl Mirror {
         Mirror { addr, daemon }
     }
 
+    /// Starts regcache with `config` (YAML; it must listen on 127.0.0.1:0 and log JSON), saved
+    /// as `<dir>/regcache-<run>.yaml`.
+    pub fn start_with_config(dir: &Path, run: &str, config: &str) -> Mirror {
+        let config_path = Mirror::config_path(dir, run);
+        write(&config_path, config);
+        Mirror::start_with(dir, run, &config_path)
+    }
+
+    pub fn config_path(dir: &Path, run: &str) -> PathBuf {
+        dir.join(format!("regcache-{run}.yaml"))
+    }
+
     /// The Prometheus text of `GET /metrics`.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(&self.addr, "/metrics");
@@ -111,7 +123,7 @@ pub fn write_config(
         upstream = registry.addr,
         ca = tls.ca_file.display(),
     );
-    let config_path = dir.join(format!("regcache-{run}.yaml"));
+    let config_path = Mirror::config_path(dir, run);
     write(&config_path, config);
     config_path
 }
@@ -133,7 +145,7 @@ fn listening_addr(line: &str) -> Option<String> {
 
 /// A bare HTTP/1.0 GET: a 1.0 request gets a plain, unchunked body ended by the connection
 /// closing, which is all this needs to read.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let timeout = Duration::from_secs(10);
     let socket = addr.parse().expect("regcache logged a socket address");
     let mut stream = TcpStream::connect_timeout(&socket, timeout)

@@ -101,6 +101,26 @@ impl Skopeo {
         run(&mut cmd, COMMAND_TIMEOUT);
     }
 
+    /// Pulls `image` (`registry/name:tag`) to `dest` the way podman and CRI-O do on a node:
+    /// by the registry's own name, with `registries_conf` (a registries.conf file) deciding
+    /// which mirrors to try first. No credentials are given.
+    pub fn pull_configured(&self, registries_conf: &Path, image: &str, dest: &str) {
+        let mut cmd = self.command();
+        // The flag: this skopeo (1.9) reads CONTAINERS_REGISTRIES_CONF only as a fallback.
+        cmd.arg("--registries-conf")
+            .arg(registries_conf)
+            .args([
+                "copy",
+                "--quiet",
+                "--all",
+                "--preserve-digests",
+                "--src-no-creds",
+            ])
+            .arg(format!("docker://{image}"))
+            .arg(dest);
+        run(&mut cmd, COMMAND_TIMEOUT);
+    }
+
     /// Pulls `reference` (`name:tag` or `name@digest`) from `source`, with every image of an
     /// index, to `dest` (`oci:DIR:TAG` or `dir:DIR`). Digests are preserved or the copy fails.
     pub fn pull(&self, source: &Source, reference: &str, dest: &str) {
