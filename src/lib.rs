@@ -4,11 +4,13 @@
 //! - `http`: the hyper edge; parses every request into a `Route` and maps every error.
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
+//! - `credentials`: which upstream credential applies to a request, from mounted secrets.
 //! - `oci`: the spec's types, no IO.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod http;
 pub mod metrics;
 pub mod oci;
