@@ -50,7 +50,17 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
         .map_err(store::Error::Task)??;
-    let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
+    let credentials = Arc::new(credentials::Credentials::new(
+        &config.credentials,
+        metrics.clone(),
+    ));
+    credentials.reload();
+    let watch = credentials.has_sources().then(|| credentials.watch());
+    let upstreams = Arc::new(upstream::Upstreams::new(
+        &config,
+        credentials.clone(),
+        metrics.clone(),
+    )?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let app = Arc::new(http::App::new(cache, metrics));
@@ -65,6 +75,9 @@ pub async fn serve(
     let shutdown_timeout = limits.shutdown_timeout;
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
+    if let Some(watch) = watch {
+        watch.abort();
+    }
     Ok(())
 }
 

@@ -15,6 +15,8 @@ mod api;
 mod auth;
 #[path = "mirror/coalesce.rs"]
 mod coalesce;
+#[path = "mirror/credentials.rs"]
+mod credentials;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
 #[path = "mirror/lifecycle.rs"]

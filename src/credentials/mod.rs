@@ -32,9 +32,6 @@ use source::Source;
 /// Secret changed.
 pub const GRACE: Duration = Duration::from_secs(120);
 
-/// Re-reads triggered by upstream 401s happen at most this often.
-const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
-
 /// Events of one secret swap arrive in a burst; one read after they settle is enough.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -323,16 +320,15 @@ impl Credentials {
         true
     }
 
-    /// Re-reads the sources because an upstream refused a credential, unless they were read
-    /// since `since` (or within the last second): a rotated Secret may be on disk before its
-    /// file event arrives.
-    pub async fn refresh(&self, since: Instant) {
+    /// Re-reads the sources because an upstream refused a credential at `refused_at`: a
+    /// rotated Secret may be on disk before its file event arrives. Requests refused together
+    /// wait for one read: whoever finds a read newer than its refusal skips its own.
+    pub async fn refresh(&self, refused_at: Instant) {
         if self.sources.is_empty() {
             return;
         }
         let _reading = self.reading.lock().await;
-        let last = self.read_state().last_read;
-        if last.is_some_and(|l| l >= since || l.elapsed() < MIN_REFRESH_GAP) {
+        if self.read_state().last_read.is_some_and(|l| l >= refused_at) {
             return;
         }
         // A few small files: cheaper than a trip to the blocking pool.

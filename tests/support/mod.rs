@@ -4,3 +4,4 @@
 
 pub mod fake_upstream;
 pub mod mirror;
+pub mod secret;
