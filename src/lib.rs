@@ -63,7 +63,14 @@ pub async fn serve(
     )?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
-    let app = Arc::new(http::App::new(cache, metrics));
+    let mut app = http::App::new(cache, metrics);
+    if config.credentials.admin_endpoint {
+        app = app.with_credentials_admin(http::admin::CredentialsAdmin {
+            config: config.clone(),
+            set: credentials.clone(),
+        });
+    }
+    let app = Arc::new(app);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, cache = %config.cache.dir.display(), "listening");
     }

@@ -21,6 +21,8 @@ mod credentials;
 mod cross_repo;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
+#[path = "mirror/never_exposed.rs"]
+mod never_exposed;
 #[path = "mirror/passthrough.rs"]
 mod passthrough;
 #[path = "mirror/pull.rs"]

@@ -150,6 +150,12 @@ impl RegistryKey {
         !self.labels.iter().any(|l| l.contains('*'))
     }
 
+    /// Whether the key applies to some repository on `host`.
+    pub fn matches_host(&self, host: &str) -> bool {
+        let path = self.path.join("/");
+        self.matches(host, &path).is_some()
+    }
+
     /// Whether the key applies to `repo` on `host` (`name[:port]`, as in a registry host), and
     /// how specifically.
     pub fn matches(&self, host: &str, repo: &str) -> Option<Specificity> {

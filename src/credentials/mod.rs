@@ -11,6 +11,7 @@
 
 pub mod dockerconfig;
 pub mod key;
+mod listing;
 pub mod source;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub use crate::config::Secret;
 use crate::metrics::Metrics;
 pub use dockerconfig::{Credential, Entry, Format, ParseError};
 pub use key::{KeyError, RegistryKey};
+pub use listing::{Listed, list, load_and_list, render_table, upstream_hosts};
 use source::Source;
 
 /// How long a credential that a reload replaced or removed may still be tried, once, when the
@@ -145,6 +147,8 @@ struct Retired {
 struct State {
     /// Last good read of each source, by index in `sources`.
     sources: Vec<Option<SourceState>>,
+    /// Why the last read of each source failed, if it did.
+    errors: Vec<Option<String>>,
     retired: Vec<Retired>,
     last_read: Option<Instant>,
 }
@@ -167,6 +171,7 @@ impl Credentials {
         Credentials {
             state: RwLock::new(State {
                 sources: sources.iter().map(|_| None).collect(),
+                errors: sources.iter().map(|_| None).collect(),
                 ..State::default()
             }),
             sources,
@@ -229,6 +234,16 @@ impl Credentials {
             .collect()
     }
 
+    /// Sources whose last read failed, with the reason (never a value from the file).
+    pub fn errors(&self) -> Vec<(PathBuf, String)> {
+        let state = self.read_state();
+        self.sources
+            .iter()
+            .zip(&state.errors)
+            .filter_map(|(s, e)| Some((s.path().to_owned(), e.clone()?)))
+            .collect()
+    }
+
     /// Reads every source now. A source that cannot be read or parsed keeps its last good
     /// version; the error is logged with the file and reason, and counted. Returns whether
     /// anything changed.
@@ -239,7 +254,11 @@ impl Credentials {
                 Ok(read) => read,
                 Err(e) => {
                     self.metrics.credentials_reload_errors.inc();
-                    let kept = self.read_state().sources[i].is_some();
+                    let kept = {
+                        let mut state = self.write_state();
+                        state.errors[i] = Some(e.to_string());
+                        state.sources[i].is_some()
+                    };
                     tracing::error!(
                         source = %source.path().display(),
                         error = %e,
@@ -249,6 +268,7 @@ impl Credentials {
                     continue;
                 }
             };
+            self.write_state().errors[i] = None;
             changed |= self.apply(i, source, read);
         }
         self.write_state().last_read = Some(Instant::now());

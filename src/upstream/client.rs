@@ -182,18 +182,7 @@ impl Upstream {
             }),
             _ => None,
         };
-        let mut hosts = vec![name.as_str().to_owned()];
-        if let Ok(url) = reqwest::Url::parse(&config.url)
-            && let Some(host) = url.host_str()
-        {
-            let authority = match url.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_owned(),
-            };
-            if !hosts.contains(&authority) {
-                hosts.push(authority);
-            }
-        }
+        let hosts = crate::credentials::upstream_hosts(config);
         Ok(Upstream {
             name,
             base: config.url.trim_end_matches('/').to_owned(),

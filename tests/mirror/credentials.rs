@@ -451,3 +451,42 @@ async fn credentials_from_a_secret_do_not_follow_a_redirect_to_another_host() {
         "the CDN got the registry's credentials"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_endpoint_is_off_by_default_and_masks_values_when_on() {
+    let up = FakeUpstream::builder()
+        .bearer_auth("bot", "admin-hunter2")
+        .start()
+        .await;
+    let dir = cache_dir();
+    let secret = volume(&dir, &up, "admin-hunter2");
+    let off = mirror_with_secret(&up, &dir, &secret).await;
+    assert_eq!(
+        off.get("/admin/credentials").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    off.stop().await;
+
+    let on = MirrorBuilder::new(&dir.path().join("cache"))
+        .upstream(&up.host(), &up.url())
+        .credentials_from(secret.dir())
+        .credentials_admin_endpoint(true)
+        .start()
+        .await;
+    let response = on.get("/admin/credentials").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body");
+    assert!(!text.contains("admin-hunter2"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let row = &json["credentials"][0];
+    assert_eq!(row["upstream"], up.host());
+    assert_eq!(row["username"], "bot");
+    assert_eq!(row["kind"], "basic");
+    assert_eq!(row["secret"], "****");
+    assert!(
+        row["source"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("secret"))
+    );
+    assert!(row["loaded_at"].as_str().is_some());
+}
