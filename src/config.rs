@@ -450,7 +450,11 @@ upstreams:
         assert!(refused("credentials: {files: ['']}").contains("credentials.files[0]"));
         assert!(
             refused("credentials: {kubernetes: {enabled: true}}")
-                .contains("credentials.kubernetes.enabled")
+                .contains("credentials.kubernetes")
+        );
+        assert!(
+            refused("credentials: {kubernetes: {names: [a], label_selector: 'x=y'}}")
+                .contains("credentials.kubernetes")
         );
         assert!(refused("credentials: {kubernets: {}}").contains("kubernets"));
     }

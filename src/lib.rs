@@ -31,6 +31,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] credentials::kubernetes::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -55,7 +57,24 @@ pub async fn serve(
         metrics.clone(),
     ));
     credentials.reload();
-    let watch = credentials.has_sources().then(|| credentials.watch());
+    let mut watches = Vec::new();
+    if !config.credentials.files.is_empty() {
+        watches.push(credentials.watch());
+    }
+    if config.credentials.kubernetes.enabled {
+        let (client, namespace) =
+            credentials::kubernetes::client(&config.credentials.kubernetes).await?;
+        tracing::info!(
+            namespace,
+            "reading upstream credentials from Kubernetes Secrets"
+        );
+        watches.extend(credentials::kubernetes::watch(
+            &credentials,
+            client,
+            &namespace,
+            &config.credentials.kubernetes,
+        ));
+    }
     let upstreams = Arc::new(upstream::Upstreams::new(
         &config,
         credentials.clone(),
@@ -82,7 +101,7 @@ pub async fn serve(
     let shutdown_timeout = limits.shutdown_timeout;
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
-    if let Some(watch) = watch {
+    for watch in watches {
         watch.abort();
     }
     Ok(())

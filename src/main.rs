@@ -107,7 +107,7 @@ fn main() -> ExitCode {
                 );
             }
             for (path, error) in &errors {
-                eprintln!("regcache: credential source {}: {error}", path.display());
+                eprintln!("regcache: credential source {path}: {error}");
             }
             if errors.is_empty() {
                 ExitCode::SUCCESS

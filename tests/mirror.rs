@@ -19,6 +19,8 @@ mod coalesce;
 mod credentials;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
+#[path = "mirror/kubernetes.rs"]
+mod kubernetes;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
 #[path = "mirror/never_exposed.rs"]

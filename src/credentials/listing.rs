@@ -67,7 +67,7 @@ pub fn list(config: &Config, set: &Credentials) -> Vec<Listed> {
                 rows.push(Listed {
                     upstream: Some(up.name.clone()),
                     key: l.key.to_string(),
-                    source: l.source.display().to_string(),
+                    source: l.source.clone(),
                     username: l.credential.username().map(str::to_owned),
                     kind: l.credential.kind(),
                     loaded_at: Some(l.loaded_at),
@@ -81,7 +81,7 @@ pub fn list(config: &Config, set: &Credentials) -> Vec<Listed> {
             rows.push(Listed {
                 upstream: None,
                 key: l.key.to_string(),
-                source: l.source.display().to_string(),
+                source: l.source.clone(),
                 username: l.credential.username().map(str::to_owned),
                 kind: l.credential.kind(),
                 loaded_at: Some(l.loaded_at),
@@ -109,7 +109,7 @@ impl Listed {
 
 /// Reads the configured sources once and lists them, with the sources that failed: what
 /// `regcache credentials list` prints, without a running mirror.
-pub fn load_and_list(config: &Config) -> (Vec<Listed>, Vec<(std::path::PathBuf, String)>) {
+pub fn load_and_list(config: &Config) -> (Vec<Listed>, Vec<(String, String)>) {
     let set = Credentials::new(
         &config.credentials,
         std::sync::Arc::new(crate::metrics::Metrics::new()),

@@ -11,6 +11,7 @@
 
 pub mod dockerconfig;
 pub mod key;
+pub mod kubernetes;
 mod listing;
 pub mod source;
 
@@ -57,6 +58,7 @@ pub struct CredentialsConfig {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
+    /// Read (and watch) Secrets through the API, with the pod's service account.
     pub enabled: bool,
     /// Empty: the pod's own namespace (from the service account).
     pub namespace: String,
@@ -95,12 +97,16 @@ impl CredentialsConfig {
             ));
         }
         let k = &self.kubernetes;
-        if k.enabled {
+        if k.enabled && k.names.is_empty() && k.label_selector.is_empty() {
             return Err((
-                "credentials.kubernetes.enabled".into(),
-                "reading Secrets through the Kubernetes API is not available yet; mount the \
-                 Secret as a volume and list its directory under credentials.files"
-                    .into(),
+                "credentials.kubernetes".into(),
+                "set names or label_selector: which Secrets to read".into(),
+            ));
+        }
+        if k.names.iter().any(|n| n.is_empty()) {
+            return Err((
+                "credentials.kubernetes.names".into(),
+                "a name is empty".into(),
             ));
         }
         if !k.names.is_empty() && !k.label_selector.is_empty() {
@@ -118,8 +124,8 @@ impl CredentialsConfig {
 pub struct Loaded {
     pub key: RegistryKey,
     pub credential: Credential,
-    /// The configured path it came from.
-    pub source: PathBuf,
+    /// Where it came from: the configured path, or `kubernetes:<namespace>/<name>`.
+    pub source: String,
     /// When this version of the credential was read (kept across reloads that leave it as is).
     pub loaded_at: SystemTime,
     /// Changes whenever the credential for the key changes, so token caches can follow.
@@ -143,19 +149,62 @@ struct Retired {
     until: Instant,
 }
 
+/// One source's place in the set: configured files first, in order, then Secrets read
+/// through the Kubernetes API as they appear.
+struct Slot {
+    label: String,
+    /// The last good version.
+    loaded: Option<SourceState>,
+    /// Why the last read failed, if it did.
+    error: Option<String>,
+}
+
 #[derive(Default)]
 struct State {
-    /// Last good read of each source, by index in `sources`.
-    sources: Vec<Option<SourceState>>,
-    /// Why the last read of each source failed, if it did.
-    errors: Vec<Option<String>>,
+    slots: Vec<Slot>,
     retired: Vec<Retired>,
     last_read: Option<Instant>,
+}
+
+impl State {
+    /// Keeps a replaced credential for `GRACE`, and drops those past it.
+    fn retire(&mut self, loaded: &Arc<Loaded>) {
+        let now = Instant::now();
+        self.retired.retain(|r| r.until > now);
+        self.retired.push(Retired {
+            loaded: loaded.clone(),
+            until: now + GRACE,
+        });
+    }
+
+    fn slot(&mut self, label: &str) -> &mut Slot {
+        let i = match self.slots.iter().position(|s| s.label == label) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    label: label.to_owned(),
+                    loaded: None,
+                    error: None,
+                });
+                self.slots.len() - 1
+            }
+        };
+        &mut self.slots[i]
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<Loaded>> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.loaded.as_ref())
+            .flat_map(|s| &s.entries)
+    }
 }
 
 /// The live set of credentials from every configured source.
 pub struct Credentials {
     sources: Vec<Source>,
+    /// Secrets come through the Kubernetes API too.
+    from_api: bool,
     interval: Duration,
     state: RwLock<State>,
     /// Serializes reads, so a burst of 401s re-reads once.
@@ -170,11 +219,18 @@ impl Credentials {
         let sources: Vec<Source> = config.files.iter().map(|p| Source::new(p)).collect();
         Credentials {
             state: RwLock::new(State {
-                sources: sources.iter().map(|_| None).collect(),
-                errors: sources.iter().map(|_| None).collect(),
+                slots: sources
+                    .iter()
+                    .map(|s| Slot {
+                        label: s.label(),
+                        loaded: None,
+                        error: None,
+                    })
+                    .collect(),
                 ..State::default()
             }),
             sources,
+            from_api: config.kubernetes.enabled,
             interval: config.reload_interval,
             reading: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
@@ -188,7 +244,7 @@ impl Credentials {
     }
 
     pub fn has_sources(&self) -> bool {
-        !self.sources.is_empty()
+        !self.sources.is_empty() || self.from_api
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -203,11 +259,7 @@ impl Credentials {
     /// the most specific key wins, then the earlier source.
     pub fn resolve(&self, hosts: &[&str], repo: &str) -> Resolution {
         let state = self.read_state();
-        let current = best(
-            state.sources.iter().flatten().flat_map(|s| &s.entries),
-            hosts,
-            repo,
-        );
+        let current = best(state.entries(), hosts, repo);
         let now = Instant::now();
         let previous = best(
             state
@@ -225,22 +277,15 @@ impl Credentials {
 
     /// Every loaded credential, sources in order.
     pub fn all(&self) -> Vec<Arc<Loaded>> {
-        let state = self.read_state();
-        state
-            .sources
-            .iter()
-            .flatten()
-            .flat_map(|s| s.entries.iter().cloned())
-            .collect()
+        self.read_state().entries().cloned().collect()
     }
 
     /// Sources whose last read failed, with the reason (never a value from the file).
-    pub fn errors(&self) -> Vec<(PathBuf, String)> {
-        let state = self.read_state();
-        self.sources
+    pub fn errors(&self) -> Vec<(String, String)> {
+        self.read_state()
+            .slots
             .iter()
-            .zip(&state.errors)
-            .filter_map(|(s, e)| Some((s.path().to_owned(), e.clone()?)))
+            .filter_map(|s| Some((s.label.clone(), s.error.clone()?)))
             .collect()
     }
 
@@ -249,36 +294,40 @@ impl Credentials {
     /// anything changed.
     pub fn reload(&self) -> bool {
         let mut changed = false;
-        for (i, source) in self.sources.iter().enumerate() {
-            let read = match source.read() {
-                Ok(read) => read,
-                Err(e) => {
-                    self.metrics.credentials_reload_errors.inc();
-                    let kept = {
-                        let mut state = self.write_state();
-                        state.errors[i] = Some(e.to_string());
-                        state.sources[i].is_some()
-                    };
-                    tracing::error!(
-                        source = %source.path().display(),
-                        error = %e,
-                        kept_last_good = kept,
-                        "cannot load credentials"
-                    );
-                    continue;
-                }
-            };
-            self.write_state().errors[i] = None;
-            changed |= self.apply(i, source, read);
+        for source in &self.sources {
+            changed |= self.load(&source.label(), source.read().map_err(|e| e.to_string()));
         }
         self.write_state().last_read = Some(Instant::now());
         changed
     }
 
-    /// Replaces source `i` with a fresh read, unless it is byte-for-byte what is loaded.
-    fn apply(&self, i: usize, source: &Source, read: source::Read) -> bool {
+    /// Takes a fresh read of the source `label`: an error is logged, counted and remembered
+    /// while the last good version stays; a good read replaces it unless byte-for-byte the
+    /// same. Returns whether anything changed.
+    pub fn load(&self, label: &str, read: Result<source::Read, String>) -> bool {
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.metrics.credentials_reload_errors.inc();
+                let kept = {
+                    let mut state = self.write_state();
+                    let slot = state.slot(label);
+                    slot.error = Some(error.clone());
+                    slot.loaded.is_some()
+                };
+                tracing::error!(
+                    source = label,
+                    error = %error,
+                    kept_last_good = kept,
+                    "cannot load credentials"
+                );
+                return false;
+            }
+        };
         let mut state = self.write_state();
-        let old: Vec<Arc<Loaded>> = match &state.sources[i] {
+        let slot = state.slot(label);
+        slot.error = None;
+        let old: Vec<Arc<Loaded>> = match &slot.loaded {
             Some(s) if s.fingerprint == read.fingerprint => return false,
             Some(s) => s.entries.clone(),
             None => Vec::new(),
@@ -299,45 +348,60 @@ impl Credentials {
             entries.push(Arc::new(Loaded {
                 key: entry.key,
                 credential: entry.credential,
-                source: source.path().to_owned(),
+                source: label.to_owned(),
                 loaded_at: now,
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
             }));
         }
-        let until = Instant::now() + GRACE;
         for o in &old {
             match entries.iter().find(|e| e.key == o.key) {
                 Some(e) if e.id == o.id => {}
-                Some(_) => state.retired.push(Retired {
-                    loaded: o.clone(),
-                    until,
-                }),
+                Some(_) => state.retire(o),
                 None => {
                     removed.push(o.key.to_string());
-                    state.retired.push(Retired {
-                        loaded: o.clone(),
-                        until,
-                    });
+                    state.retire(o);
                 }
             }
         }
-        let instant_now = Instant::now();
-        state.retired.retain(|r| r.until > instant_now);
-        state.sources[i] = Some(SourceState {
+        state.slot(label).loaded = Some(SourceState {
             fingerprint: read.fingerprint,
             entries,
         });
         drop(state);
+        self.audit(label, &added, &changed, &removed);
+        true
+    }
+
+    /// Forgets the source `label` altogether (a Secret deleted through the API).
+    pub fn remove(&self, label: &str) {
+        let mut state = self.write_state();
+        let Some(i) = state.slots.iter().position(|s| s.label == label) else {
+            return;
+        };
+        let slot = state.slots.remove(i);
+        let removed: Vec<String> = slot
+            .loaded
+            .iter()
+            .flat_map(|s| &s.entries)
+            .map(|o| {
+                state.retire(o);
+                o.key.to_string()
+            })
+            .collect();
+        drop(state);
+        self.audit(label, &[], &[], &removed);
+    }
+
+    fn audit(&self, label: &str, added: &[String], changed: &[String], removed: &[String]) {
         self.metrics.credentials_reloads.inc();
         tracing::info!(
             target: "regcache::audit",
-            source = %source.path().display(),
+            source = label,
             added = %added.join(","),
             changed = %changed.join(","),
             removed = %removed.join(","),
             "credentials loaded"
         );
-        true
     }
 
     /// Re-reads the sources because an upstream refused a credential at `refused_at`: a

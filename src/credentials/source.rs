@@ -46,6 +46,16 @@ pub struct Read {
     pub fingerprint: [u8; 32],
 }
 
+impl Read {
+    /// Parses a whole document (a file's bytes, a Secret's data).
+    pub fn parse(bytes: &[u8], format: Format) -> Result<Read, ParseError> {
+        Ok(Read {
+            entries: dockerconfig::parse(bytes, format)?,
+            fingerprint: Sha256::digest(bytes).into(),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Source {
     path: PathBuf,
@@ -60,6 +70,11 @@ impl Source {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How logs, audit lines and `credentials list` name it.
+    pub fn label(&self) -> String {
+        self.path.display().to_string()
     }
 
     /// The directory to watch for changes: the mount itself, or a file's parent (a replaced

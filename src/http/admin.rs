@@ -48,7 +48,7 @@ pub fn credentials<B>(
         .set
         .errors()
         .into_iter()
-        .map(|(path, error)| serde_json::json!({"source": path.display().to_string(), "error": error}))
+        .map(|(path, error)| serde_json::json!({"source": path, "error": error}))
         .collect();
     let json = serde_json::json!({ "credentials": rows, "errors": errors });
     let mut resp = Response::new(body::full(json.to_string()));
