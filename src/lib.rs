@@ -41,6 +41,9 @@ pub enum Error {
     },
 }
 
+/// How long start-up waits for the first list of Secrets from the Kubernetes API.
+const KUBERNETES_FIRST_LIST: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the mirror on an already bound listener until `shutdown` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
@@ -57,10 +60,8 @@ pub async fn serve(
         metrics.clone(),
     ));
     credentials.reload();
-    let mut watches = Vec::new();
-    if !config.credentials.files.is_empty() {
-        watches.push(credentials.watch());
-    }
+    let file_watch = (!config.credentials.files.is_empty()).then(|| credentials.watch());
+    let mut api_watches = None;
     if config.credentials.kubernetes.enabled {
         let (client, namespace) =
             credentials::kubernetes::client(&config.credentials.kubernetes).await?;
@@ -68,12 +69,20 @@ pub async fn serve(
             namespace,
             "reading upstream credentials from Kubernetes Secrets"
         );
-        watches.extend(credentials::kubernetes::watch(
+        let mut watches = credentials::kubernetes::watch(
             &credentials,
             client,
             &namespace,
             &config.credentials.kubernetes,
-        ));
+        );
+        // Requests wait in the listen backlog meanwhile: better than pulling without them.
+        if !watches.wait_listed(KUBERNETES_FIRST_LIST).await {
+            tracing::warn!(
+                namespace,
+                "Secrets not listed yet; serving without them until they are"
+            );
+        }
+        api_watches = Some(watches);
     }
     let upstreams = Arc::new(upstream::Upstreams::new(
         &config,
@@ -101,8 +110,11 @@ pub async fn serve(
     let shutdown_timeout = limits.shutdown_timeout;
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
-    for watch in watches {
+    if let Some(watch) = file_watch {
         watch.abort();
+    }
+    if let Some(watches) = api_watches {
+        watches.abort();
     }
     Ok(())
 }

@@ -44,13 +44,34 @@ pub async fn client(config: &KubernetesConfig) -> Result<(kube::Client, String),
     Ok((client, namespace))
 }
 
+/// The running watches.
+pub struct Watches {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    listed: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Watches {
+    /// Waits until every watch has completed its first list (so requests that follow carry
+    /// the credentials), or `timeout`; false on timeout.
+    pub async fn wait_listed(&mut self, timeout: std::time::Duration) -> bool {
+        let listed = futures_util::future::join_all(self.listed.drain(..));
+        tokio::time::timeout(timeout, listed).await.is_ok()
+    }
+
+    pub fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// Starts the watches; each ends when the set is dropped.
 pub fn watch(
     set: &Arc<Credentials>,
     client: kube::Client,
     namespace: &str,
     config: &KubernetesConfig,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Watches {
     let selectors: Vec<watcher::Config> = if config.names.is_empty() {
         let mut c = watcher::Config::default();
         if !config.label_selector.is_empty() {
@@ -64,18 +85,23 @@ pub fn watch(
             .map(|name| watcher::Config::default().fields(&format!("metadata.name={name}")))
             .collect()
     };
-    selectors
-        .into_iter()
-        .map(|selector| {
-            let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
-            tokio::spawn(run(
-                Arc::downgrade(set),
-                api,
-                selector,
-                namespace.to_owned(),
-            ))
-        })
-        .collect()
+    let mut watches = Watches {
+        tasks: Vec::new(),
+        listed: Vec::new(),
+    };
+    for selector in selectors {
+        let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+        let (listed, on_listed) = tokio::sync::oneshot::channel();
+        watches.listed.push(on_listed);
+        watches.tasks.push(tokio::spawn(run(
+            Arc::downgrade(set),
+            api,
+            selector,
+            namespace.to_owned(),
+            listed,
+        )));
+    }
+    watches
 }
 
 async fn run(
@@ -83,7 +109,9 @@ async fn run(
     api: kube::Api<Secret>,
     selector: watcher::Config,
     namespace: String,
+    listed_once: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut listed_once = Some(listed_once);
     let stream = watcher::watcher(api, selector).default_backoff();
     futures_util::pin_mut!(stream);
     // Secrets this watch has loaded, to forget those gone when a re-list completes.
@@ -106,6 +134,9 @@ async fn run(
                     set.remove(gone);
                 }
                 known = std::mem::take(&mut listed);
+                if let Some(once) = listed_once.take() {
+                    let _ = once.send(());
+                }
             }
             Ok(Event::Apply(secret)) => {
                 if let Some(label) = apply(&set, &namespace, &secret) {

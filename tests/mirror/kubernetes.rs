@@ -9,8 +9,10 @@ use std::time::Duration;
 use regcache::credentials::{Credentials, CredentialsConfig, KubernetesConfig, kubernetes};
 use regcache::metrics::Metrics;
 
-use super::within;
+use super::never_exposed::{Server, binary, wait_for_addr};
+use super::{cache_dir, pull_image, within};
 use crate::support::fake_kube::FakeKube;
+use crate::support::fake_upstream::{FakeUpstream, Image};
 use crate::support::secret::dockerconfigjson;
 
 const NAMESPACE: &str = "mirror";
@@ -80,8 +82,13 @@ async fn secrets_selected_by_name_are_watched_through_the_api() {
         label_selector: String::new(),
     };
     let (set, metrics) = set(&config);
-    let tasks = kubernetes::watch(&set, client(&api), NAMESPACE, &config);
-    wait_for(&set, "ghcr.io", Some("v1")).await;
+    let mut watches = kubernetes::watch(&set, client(&api), NAMESPACE, &config);
+    assert!(watches.wait_listed(Duration::from_secs(20)).await);
+    assert_eq!(
+        password(&set, "ghcr.io").as_deref(),
+        Some("v1"),
+        "loaded by the first list"
+    );
     assert_eq!(
         password(&set, "quay.io"),
         None,
@@ -140,9 +147,7 @@ async fn secrets_selected_by_name_are_watched_through_the_api() {
     // Deleted: its credentials go.
     api.delete_secret("ghcr");
     wait_for(&set, "ghcr.io", None).await;
-    for task in tasks {
-        task.abort();
-    }
+    watches.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +175,7 @@ async fn secrets_selected_by_label_are_watched_and_other_types_skipped() {
         label_selector: "regcache=upstream".into(),
     };
     let (set, metrics) = set(&config);
-    let tasks = kubernetes::watch(&set, client(&api), NAMESPACE, &config);
+    let watches = kubernetes::watch(&set, client(&api), NAMESPACE, &config);
     wait_for(&set, "a.example.com", Some("pa")).await;
     // A second Secret with the label appears later; one without it is ignored.
     api.put_secret(
@@ -200,7 +205,107 @@ async fn secrets_selected_by_label_are_watched_and_other_types_skipped() {
     );
     let sources: Vec<String> = set.all().iter().map(|l| l.source.clone()).collect();
     assert_eq!(sources, vec!["kubernetes:mirror/a", "kubernetes:mirror/b"]);
-    for task in tasks {
-        task.abort();
-    }
+    watches.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regcache_serve_pulls_with_credentials_from_the_api_and_follows_an_update() {
+    let image = Image::new(1, 10_000);
+    let up = FakeUpstream::builder()
+        .bearer_auth("bot", "api-1")
+        .image("team/app", "v1", &image)
+        .start()
+        .await;
+    let api = FakeKube::start(NAMESPACE).await;
+    api.put_secret(
+        "upstreams",
+        TYPE,
+        &[],
+        &[(
+            ".dockerconfigjson",
+            &dockerconfigjson(&[(&up.host(), "bot", "api-1")]),
+        )],
+    );
+    let dir = cache_dir();
+    // Outside a cluster the client follows KUBECONFIG; the namespace comes from its context.
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: mirror, user: {{token: not-checked}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: mirror, namespace: {NAMESPACE}}}}}]\n\
+             current-context: fake\n",
+            api.url()
+        ),
+    )
+    .expect("writing the kubeconfig");
+    let config = dir.path().join("regcache.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"127.0.0.1:0\"\n\
+             cache: {{dir: {cache:?}}}\n\
+             default_upstream: \"{host}\"\n\
+             upstreams: [{{name: \"{host}\", url: \"{url}\"}}]\n\
+             credentials: {{kubernetes: {{enabled: true, names: [upstreams]}}}}\n\
+             log: {{format: json, level: info}}\n",
+            cache = dir.path().join("cache").display().to_string(),
+            host = up.host(),
+            url = up.url(),
+        ),
+    )
+    .expect("writing the config");
+    let log_path = dir.path().join("regcache.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let _server = Server {
+        child: std::process::Command::new(binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting regcache"),
+    };
+    let base = format!("http://{}", wait_for_addr(&log_path));
+    let client = crate::support::mirror::client();
+    // Start-up waited for the first list: the very first pull carries the credentials.
+    within("a pull", pull_image(&client, &base, "team/app", "v1")).await;
+
+    // Rotated through the API: the registry and the Secret change together.
+    up.set_credentials("bot", "api-2");
+    up.expire_tokens();
+    api.put_secret(
+        "upstreams",
+        TYPE,
+        &[],
+        &[(
+            ".dockerconfigjson",
+            &dockerconfigjson(&[(&up.host(), "bot", "api-2")]),
+        )],
+    );
+    within("the rotated Secret to be used", async {
+        loop {
+            let response = client
+                .get(format!("{base}/v2/team/app/tags/list"))
+                .send()
+                .await
+                .expect("the mirror answers");
+            if response.status() == reqwest::StatusCode::OK {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with(&format!("/api/v1/namespaces/{NAMESPACE}/secrets")))
+    );
 }

@@ -20,8 +20,8 @@ const PW_2: &str = "second-Lr5vN9pw";
 const PW_BAD: &str = "broken-Hc3wT7pw";
 
 /// The mirror binary, killed if a test fails before stopping it.
-struct Server {
-    child: Child,
+pub struct Server {
+    pub child: Child,
 }
 
 impl Drop for Server {
@@ -31,12 +31,12 @@ impl Drop for Server {
     }
 }
 
-fn binary() -> PathBuf {
+pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_regcache"))
 }
 
 /// `fields.addr` of the JSON `listening` line, once the log has it.
-fn wait_for_addr(log: &Path) -> String {
+pub fn wait_for_addr(log: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
