@@ -50,6 +50,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// How the mirror talks to upstreams.
     pub upstream_client: UpstreamClientConfig,
+    /// Upstream credentials from dockerconfigjson files (mounted Kubernetes Secrets).
+    pub credentials: crate::credentials::CredentialsConfig,
     /// Limits of the HTTP server.
     pub server: ServerConfig,
     /// Log output.
@@ -195,6 +197,7 @@ impl Default for Config {
                 offline: false,
             }],
             upstream_client: UpstreamClientConfig::default(),
+            credentials: crate::credentials::CredentialsConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
             offline: false,
@@ -361,6 +364,9 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        self.credentials
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
@@ -464,6 +470,19 @@ upstreams:
         assert!(refused(lone_user).contains("upstreams[0].password"));
         assert!(refused("cache: {max_manifest_size: 1KiB}").contains("cache.max_manifest_size"));
         assert!(refused("upstream_client: {attempts: 0}").contains("upstream_client.attempts"));
+        assert!(
+            refused("credentials: {reload_interval: 10ms}").contains("credentials.reload_interval")
+        );
+        assert!(refused("credentials: {files: ['']}").contains("credentials.files[0]"));
+        assert!(
+            refused("credentials: {kubernetes: {enabled: true}}")
+                .contains("credentials.kubernetes")
+        );
+        assert!(
+            refused("credentials: {kubernetes: {names: [a], label_selector: 'x=y'}}")
+                .contains("credentials.kubernetes")
+        );
+        assert!(refused("credentials: {kubernets: {}}").contains("kubernets"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - `http`: the hyper edge; parses every request into a `Route` and maps every error.
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
+//! - `credentials`: which upstream credential applies to a request, from mounted secrets.
 //! - `oci`: the spec's types, no IO.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 //! - `nodeconfig`: `regcache node-config`, runtime config files pointing nodes at the mirror.
@@ -12,6 +13,7 @@
 pub mod airgap;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod http;
 pub mod metrics;
 pub mod nodeconfig;
@@ -35,6 +37,8 @@ pub enum Error {
     Upstream(#[from] upstream::Error),
     #[error(transparent)]
     Airgap(#[from] airgap::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] credentials::kubernetes::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -42,6 +46,9 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// How long start-up waits for the first list of Secrets from the Kubernetes API.
+const KUBERNETES_FIRST_LIST: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the mirror on an already bound listener until `shutdown` resolves, then drains.
 pub async fn serve(
@@ -54,10 +61,50 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
         .map_err(store::Error::Task)??;
-    let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
+    let credentials = Arc::new(credentials::Credentials::new(
+        &config.credentials,
+        metrics.clone(),
+    ));
+    credentials.reload();
+    let file_watch = (!config.credentials.files.is_empty()).then(|| credentials.watch());
+    let mut api_watches = None;
+    if config.credentials.kubernetes.enabled {
+        let (client, namespace) =
+            credentials::kubernetes::client(&config.credentials.kubernetes).await?;
+        tracing::info!(
+            namespace,
+            "reading upstream credentials from Kubernetes Secrets"
+        );
+        let mut watches = credentials::kubernetes::watch(
+            &credentials,
+            client,
+            &namespace,
+            &config.credentials.kubernetes,
+        );
+        // Requests wait in the listen backlog meanwhile: better than pulling without them.
+        if !watches.wait_listed(KUBERNETES_FIRST_LIST).await {
+            tracing::warn!(
+                namespace,
+                "Secrets not listed yet; serving without them until they are"
+            );
+        }
+        api_watches = Some(watches);
+    }
+    let upstreams = Arc::new(upstream::Upstreams::new(
+        &config,
+        credentials.clone(),
+        metrics.clone(),
+    )?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
-    let app = Arc::new(http::App::new(cache, metrics));
+    let mut app = http::App::new(cache, metrics);
+    if config.credentials.admin_endpoint {
+        app = app.with_credentials_admin(http::admin::CredentialsAdmin {
+            config: config.clone(),
+            set: credentials.clone(),
+        });
+    }
+    let app = Arc::new(app);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, cache = %config.cache.dir.display(), "listening");
     }
@@ -69,6 +116,12 @@ pub async fn serve(
     let shutdown_timeout = limits.shutdown_timeout;
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
+    if let Some(watch) = file_watch {
+        watch.abort();
+    }
+    if let Some(watches) = api_watches {
+        watches.abort();
+    }
     Ok(())
 }
 
@@ -82,7 +135,18 @@ pub async fn open_cache(config: &config::Config) -> Result<cache::Cache, Error> 
     let store = tokio::task::spawn_blocking(move || store::Store::open_alongside(&dir))
         .await
         .map_err(store::Error::Task)??;
-    let upstreams = Arc::new(upstream::Upstreams::new(config, metrics.clone())?);
+    // Credentials from mounted Secrets (files) apply here as in the server; the Kubernetes API
+    // source is the server's only.
+    let credentials = Arc::new(credentials::Credentials::new(
+        &config.credentials,
+        metrics.clone(),
+    ));
+    credentials.reload();
+    let upstreams = Arc::new(upstream::Upstreams::new(
+        config,
+        credentials,
+        metrics.clone(),
+    )?);
     Ok(cache::Cache::new(config, store, upstreams, metrics))
 }
 

@@ -96,6 +96,28 @@ enum Command {
     /// directories, a k3s registries.yaml or a CRI-O/podman registries.conf drop-in for every
     /// configured upstream.
     NodeConfig(NodeConfigArgs),
+    /// Upstream credentials (config file and mounted Secrets).
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Per upstream, the credentials that apply to it: source, user name, kind, load time.
+    /// Passwords and tokens print as `****`. Exits 1 if a credential source cannot be read.
+    List {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print passwords and tokens in clear. A risk: they end up wherever this output goes
+        /// (terminal scrollback, CI logs, support tickets). Use only to debug a credential.
+        #[arg(long)]
+        show_sensitive_info: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -208,6 +230,41 @@ fn main() -> ExitCode {
                 ..config
             };
             run(regcache::run(config), true)
+        }
+        Command::Credentials {
+            command:
+                CredentialsCommand::List {
+                    config,
+                    show_sensitive_info,
+                    json,
+                },
+        } => {
+            let config = match regcache::config::Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("regcache: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let (rows, errors) = regcache::credentials::load_and_list(&config);
+            if json {
+                for row in &rows {
+                    println!("{}", row.to_json(show_sensitive_info));
+                }
+            } else {
+                print!(
+                    "{}",
+                    regcache::credentials::render_table(&rows, show_sensitive_info)
+                );
+            }
+            for (path, error) in &errors {
+                eprintln!("regcache: credential source {path}: {error}");
+            }
+            if errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {

@@ -3,8 +3,8 @@
 //! names, status codes): never a repository, a digest or anything a client typed.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -38,6 +38,10 @@ pub struct Metrics {
     pub cache_objects: IntGauge,
     /// Build information, value 1.
     pub build_info: IntGaugeVec,
+    /// Credential sources loaded with a change (the first load included).
+    pub credentials_reloads: IntCounter,
+    /// Credential sources that could not be read or parsed (the last good version was kept).
+    pub credentials_reload_errors: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -72,6 +76,13 @@ impl Metrics {
                 .register(Box::new(g.clone()))
                 .expect("each metric is registered once");
             g
+        };
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric definitions are static");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("each metric is registered once");
+            c
         };
         let build_info = IntGaugeVec::new(
             Opts::new("regcache_build_info", "regcache version, value 1"),
@@ -146,6 +157,14 @@ impl Metrics {
             ),
             cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
             cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
+            credentials_reloads: plain_counter(
+                "regcache_credentials_reloads_total",
+                "Credential sources loaded with a change, the first load included",
+            ),
+            credentials_reload_errors: plain_counter(
+                "regcache_credentials_reload_errors_total",
+                "Credential sources that could not be read or parsed; the last good version was kept",
+            ),
             build_info,
             registry,
         }

@@ -231,6 +231,27 @@ fn skopeo_pulls_images_and_indexes_through_the_mirror() {
         mirror.metrics()
     );
 
+    // The registry's credentials came from the mounted Secret, and went nowhere else.
+    assert_eq!(
+        metric_sum(&mirror.metrics(), "regcache_credentials_reloads_total"),
+        1.0,
+        "the secret was loaded once"
+    );
+    let log = mirror.log();
+    assert!(log.contains("credentials loaded"), "no audit line:\n{log}");
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            registry::USER,
+            registry::PASSWORD
+        ))
+    };
+    assert!(
+        !log.contains(registry::PASSWORD) && !log.contains(&auth),
+        "the registry's password is in regcache's log"
+    );
+
     // The same pulls again are served from the cache: the registry sees none of them.
     let seen_before = world.registry.requests().len();
     pull_all("warm");

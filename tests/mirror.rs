@@ -17,10 +17,16 @@ mod auth;
 mod bundle;
 #[path = "mirror/coalesce.rs"]
 mod coalesce;
+#[path = "mirror/credentials.rs"]
+mod credentials;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
+#[path = "mirror/kubernetes.rs"]
+mod kubernetes;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
+#[path = "mirror/never_exposed.rs"]
+mod never_exposed;
 #[path = "mirror/offline.rs"]
 mod offline;
 #[path = "mirror/passthrough.rs"]

@@ -2,6 +2,7 @@
 //! turns every error into the spec's JSON body (`error`). Only this module decides what a client
 //! sees; one span and one log line per request, with the cache outcome.
 
+pub mod admin;
 mod api;
 mod body;
 pub mod error;
@@ -29,6 +30,8 @@ pub struct App {
     /// False once shutdown has begun, so load balancers stop sending requests.
     pub ready: AtomicBool,
     next_id: AtomicU64,
+    /// `GET /admin/credentials`, when `credentials.admin_endpoint` is on.
+    credentials_admin: Option<admin::CredentialsAdmin>,
 }
 
 impl App {
@@ -38,7 +41,14 @@ impl App {
             metrics,
             ready: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
+            credentials_admin: None,
         }
+    }
+
+    /// Serves `GET /admin/credentials` from `admin`.
+    pub fn with_credentials_admin(mut self, admin: admin::CredentialsAdmin) -> App {
+        self.credentials_admin = Some(admin);
+        self
     }
 }
 
@@ -174,6 +184,7 @@ async fn dispatch<B>(
         Route::Healthz => text(StatusCode::OK, "ok\n"),
         Route::Readyz if app.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         Route::Readyz => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        Route::AdminCredentials => admin::credentials(app.credentials_admin.as_ref(), req)?,
     };
     if method == Method::HEAD {
         // HEAD answers carry the GET's headers (Content-Length included) and no body.

@@ -29,6 +29,8 @@ pub enum Route {
     Metrics,
     Healthz,
     Readyz,
+    /// `/admin/credentials`, when `credentials.admin_endpoint` is on.
+    AdminCredentials,
 }
 
 impl Route {
@@ -44,6 +46,7 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
+            Route::AdminCredentials => "admin",
         }
     }
 }
@@ -65,6 +68,7 @@ pub fn parse(path: &str) -> Result<Route, Error> {
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Healthz),
         "/readyz" => return Ok(Route::Readyz),
+        "/admin/credentials" => return Ok(Route::AdminCredentials),
         "/v2" | "/v2/" => return Ok(Route::Base),
         _ => {}
     }

@@ -2,10 +2,22 @@
 //! backoff for idempotent requests that failed to connect or got a 5xx, the `WWW-Authenticate`
 //! challenge flow (Bearer token per scope, or Basic), and body reads under a size cap.
 //!
+//! Credentials: the static `username`/`password` of the upstream's config when set, otherwise
+//! the best match in the live `credentials::Credentials` set, asked per request (by upstream
+//! host and repository). A `registrytoken` is sent as the bearer token itself; Basic
+//! credentials go to the registry (Basic scheme) or to the token realm its own challenge named;
+//! an `identitytoken` is exchanged at that realm (OAuth2 `refresh_token` grant). Tokens are
+//! cached per credential version, and those of a replaced credential are dropped. A 401 makes
+//! the set re-read its files (a rotated Secret may be on disk before its file event arrives)
+//! and, within the grace period after a rotation, the replaced credential is tried once, so a
+//! rotation fails no request that either credential would have served.
+//!
 //! Redirects (Docker Hub sends blob GETs to a CDN) are followed by reqwest, which drops
 //! `Authorization` when the next hop is another host or port, so the registry's credentials and
-//! tokens never reach the object store.
+//! tokens never reach the object store. Credentials are never sent to a plain-http token realm
+//! of an https registry.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +28,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::challenge::{self, Challenge, Token, TokenResponse};
-use crate::config::{Secret, UpstreamClientConfig, UpstreamConfig};
+use crate::config::{UpstreamClientConfig, UpstreamConfig};
+use crate::credentials::{Credential, Credentials, Resolution};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RegistryHost, RepoName, media_type::Accept};
 
@@ -43,6 +56,8 @@ pub enum Error {
     Token {
         upstream: RegistryHost,
         reason: String,
+        /// The endpoint answered 401 or 403: it refused the credentials.
+        refused: bool,
     },
     #[error("upstream {upstream} sent more than {limit} bytes where a small document was expected")]
     TooLarge { upstream: RegistryHost, limit: u64 },
@@ -71,12 +86,38 @@ enum Scheme {
     },
 }
 
+/// A credential as one request presents it. `id` is its version in the credential set (0 for
+/// the config file's static credentials); cached tokens are keyed by it.
+#[derive(Clone)]
+struct Login {
+    id: u64,
+    credential: Credential,
+}
+
+impl Login {
+    fn from_resolved(resolved: Option<&Arc<crate::credentials::Loaded>>) -> Option<Login> {
+        resolved.map(|l| Login {
+            id: l.id,
+            credential: l.credential.clone(),
+        })
+    }
+}
+
 pub struct Upstream {
     name: RegistryHost,
     base: String,
     http: reqwest::Client,
-    credentials: Option<(String, Secret)>,
+    /// `upstreams[].username/password`: when set, used for every request.
+    static_login: Option<Login>,
+    /// Mounted-secret credentials, used when there is no static login.
+    credentials: Arc<Credentials>,
+    /// The names a credential key may use for this registry: its configured name and the
+    /// URL's `host[:port]`.
+    hosts: Vec<String>,
+    /// Credential versions whose cached tokens were dropped after a rotation.
+    retired: std::sync::Mutex<HashSet<u64>>,
     scheme: Mutex<Scheme>,
+    /// Bearer tokens by `"{login id}|{scope}"`.
     tokens: moka::future::Cache<String, Token>,
     attempts: u32,
     backoff: Duration,
@@ -106,6 +147,7 @@ impl Upstream {
     pub fn new(
         config: &UpstreamConfig,
         client: &UpstreamClientConfig,
+        credentials: Arc<Credentials>,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, Error> {
         let name: RegistryHost = config
@@ -134,19 +176,30 @@ impl Upstream {
         let http = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
-        let credentials = match (&config.username, &config.password) {
-            (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+        let static_login = match (&config.username, &config.password) {
+            (Some(user), Some(password)) => Some(Login {
+                id: 0,
+                credential: Credential::Basic {
+                    username: user.clone(),
+                    password: password.clone(),
+                },
+            }),
             _ => None,
         };
+        let hosts = crate::credentials::upstream_hosts(config);
         Ok(Upstream {
             name,
             base: config.url.trim_end_matches('/').to_owned(),
             http,
+            static_login,
             credentials,
+            hosts,
+            retired: std::sync::Mutex::new(HashSet::new()),
             scheme: Mutex::new(Scheme::Unknown),
             tokens: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_idle(Duration::from_secs(3600))
+                .support_invalidation_closures()
                 .build(),
             attempts: client.attempts.max(1),
             backoff: client.retry_backoff,
@@ -369,8 +422,40 @@ impl Upstream {
         }
     }
 
-    /// Sends an idempotent request: answers one authentication challenge, retries connection
-    /// errors and 5xx with doubling backoff, and returns the last response whatever its status.
+    /// The login for a request to `repo`, and the one it replaced if still within the grace
+    /// period. Drops the cached tokens of a replaced credential the first time it is seen.
+    fn login(&self, repo: &RepoName) -> (Option<Login>, Option<Login>) {
+        if let Some(login) = &self.static_login {
+            return (Some(login.clone()), None);
+        }
+        let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        let Resolution { current, previous } = self.credentials.resolve(&hosts, repo.as_str());
+        if let Some(previous) = &previous {
+            let newly_retired = self
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(previous.id);
+            if newly_retired {
+                let prefix = format!("{}|", previous.id);
+                // Only fails without `support_invalidation_closures`, which the builder sets.
+                let _ = self
+                    .tokens
+                    .invalidate_entries_if(move |key, _| key.starts_with(&prefix));
+                tracing::info!(upstream = %self.name, key = %previous.key, "credentials changed; dropped the tokens obtained with the old ones");
+            }
+        }
+        (
+            Login::from_resolved(current.as_ref()),
+            Login::from_resolved(previous.as_ref()),
+        )
+    }
+
+    /// Sends an idempotent request with the credential that applies to `repo`. On a 401 the
+    /// credential files are re-read and a changed credential is tried; then, within the grace
+    /// period after a rotation, the replaced one, and if that is refused as well, the current
+    /// one a last time (the registry may have switched meanwhile). At most four attempts, and
+    /// more than one only when the upstream refuses credentials from a Secret.
     async fn send(
         &self,
         method: Method,
@@ -384,6 +469,60 @@ impl Upstream {
                 upstream: self.name.clone(),
             });
         }
+        let (login, previous) = self.login(repo);
+        let first = self
+            .send_as(login.as_ref(), method.clone(), url, repo, headers.clone())
+            .await;
+        if !is_refused(&first) || self.static_login.is_some() || !self.credentials.has_sources() {
+            return first;
+        }
+        let id = |l: &Option<Login>| l.as_ref().map(|l| l.id);
+        let mut tried = vec![id(&login)];
+        let mut last = first;
+        self.credentials.refresh(Instant::now()).await;
+        let (fresh, fresh_previous) = self.login(repo);
+        if fresh.is_some() && !tried.contains(&id(&fresh)) {
+            tracing::info!(upstream = %self.name, "the upstream refused the credentials; retrying with the ones just re-read");
+            tried.push(id(&fresh));
+            drop(last);
+            last = self
+                .send_as(fresh.as_ref(), method.clone(), url, repo, headers.clone())
+                .await;
+            if !is_refused(&last) {
+                return last;
+            }
+        }
+        if let Some(old) = fresh_previous.or(previous)
+            && !tried.contains(&Some(old.id))
+        {
+            tracing::info!(upstream = %self.name, "the upstream refused the current credentials; retrying once with the ones they replaced");
+            drop(last);
+            last = self
+                .send_as(Some(&old), method.clone(), url, repo, headers.clone())
+                .await;
+            if !is_refused(&last) || fresh.is_none() {
+                return last;
+            }
+            // Refused too: the registry may have switched to the current credential while
+            // this request was trying the old one.
+            drop(last);
+            return self
+                .send_as(fresh.as_ref(), method, url, repo, headers)
+                .await;
+        }
+        last
+    }
+
+    /// Sends with `login`: answers one authentication challenge, retries connection errors and
+    /// 5xx with doubling backoff, and returns the last response whatever its status.
+    async fn send_as(
+        &self,
+        login: Option<&Login>,
+        method: Method,
+        url: &str,
+        repo: &RepoName,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
         let scope = format!("repository:{repo}:pull");
         let mut attempt = 0;
         let mut answered_challenge = false;
@@ -393,7 +532,7 @@ impl Upstream {
                 .http
                 .request(method.clone(), url)
                 .headers(headers.clone());
-            if let Some(auth) = self.authorization(&scope, false).await? {
+            if let Some(auth) = self.authorization(login, &scope, false).await? {
                 request = request.header(header::AUTHORIZATION, auth);
             }
             let started = Instant::now();
@@ -437,7 +576,7 @@ impl Upstream {
                     .filter_map(|v| v.to_str().ok())
                     .find_map(challenge::parse);
                 if let Some(challenge) = challenge
-                    && self.learn(challenge, &scope).await?
+                    && self.learn(challenge, login, &scope).await?
                 {
                     attempt -= 1;
                     continue;
@@ -461,11 +600,19 @@ impl Upstream {
     }
 
     /// Records a challenge; true when a retry now has something new to present.
-    async fn learn(&self, challenge: Challenge, scope: &str) -> Result<bool, Error> {
-        let retry = match &challenge {
-            // Without credentials a Basic challenge cannot be answered.
-            Challenge::Basic => self.credentials.is_some(),
-            Challenge::Bearer { .. } => true,
+    async fn learn(
+        &self,
+        challenge: Challenge,
+        login: Option<&Login>,
+        scope: &str,
+    ) -> Result<bool, Error> {
+        let retry = match (&challenge, login.map(|l| &l.credential)) {
+            // A registry token was refused as it is; sending it again changes nothing.
+            (_, Some(Credential::RegistryToken { .. })) => false,
+            // Without a password a Basic challenge cannot be answered.
+            (Challenge::Basic, Some(Credential::Basic { .. })) => true,
+            (Challenge::Basic, _) => false,
+            (Challenge::Bearer { .. }, _) => true,
         };
         *self.scheme.lock().await = match challenge {
             Challenge::Basic => Scheme::Basic,
@@ -473,21 +620,30 @@ impl Upstream {
         };
         if retry && matches!(*self.scheme.lock().await, Scheme::Bearer { .. }) {
             // The token we sent (if any) was refused: fetch a fresh one.
-            self.tokens.invalidate(scope).await;
-            self.authorization(scope, true).await?;
+            self.tokens.invalidate(&token_key(login, scope)).await;
+            self.authorization(login, scope, true).await?;
         }
         Ok(retry)
     }
 
     /// The `Authorization` value for `scope` under the scheme learned so far.
-    async fn authorization(&self, scope: &str, fresh: bool) -> Result<Option<HeaderValue>, Error> {
+    async fn authorization(
+        &self,
+        login: Option<&Login>,
+        scope: &str,
+        fresh: bool,
+    ) -> Result<Option<HeaderValue>, Error> {
+        if let Some(Credential::RegistryToken { token }) = login.map(|l| &l.credential) {
+            return Ok(Some(secret_header(&format!("Bearer {}", token.expose()))));
+        }
         let scheme = self.scheme.lock().await.clone();
         match scheme {
             Scheme::Unknown => Ok(None),
-            Scheme::Basic => Ok(self.basic().map(|b| secret_header(&b))),
+            Scheme::Basic => Ok(login.and_then(basic).map(|b| secret_header(&b))),
             Scheme::Bearer { realm, service } => {
+                let key = token_key(login, scope);
                 if !fresh
-                    && let Some(token) = self.tokens.get(scope).await
+                    && let Some(token) = self.tokens.get(&key).await
                     && token.expires_at > Instant::now()
                 {
                     return Ok(Some(secret_header(&format!(
@@ -495,22 +651,14 @@ impl Upstream {
                         token.value.expose()
                     ))));
                 }
-                let token = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                let token = self
+                    .fetch_token(&realm, service.as_deref(), scope, login)
+                    .await?;
                 let value = secret_header(&format!("Bearer {}", token.value.expose()));
-                self.tokens.insert(scope.to_owned(), token).await;
+                self.tokens.insert(key, token).await;
                 Ok(Some(value))
             }
         }
-    }
-
-    fn basic(&self) -> Option<String> {
-        self.credentials.as_ref().map(|(user, password)| {
-            let raw = format!("{user}:{}", password.expose());
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(raw)
-            )
-        })
     }
 
     async fn fetch_token(
@@ -518,8 +666,9 @@ impl Upstream {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        login: Option<&Login>,
     ) -> Result<Token, Error> {
-        let token_error = |reason: String| {
+        let token_error_as = |reason: String, refused: bool| {
             self.metrics
                 .upstream_errors
                 .with_label_values(&[self.name.as_str(), "token"])
@@ -527,8 +676,10 @@ impl Upstream {
             Error::Token {
                 upstream: self.name.clone(),
                 reason,
+                refused,
             }
         };
+        let token_error = |reason: String| token_error_as(reason, false);
         let mut url = reqwest::Url::parse(realm)
             .map_err(|_| token_error("the challenge's realm is not a URL".into()))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -536,26 +687,62 @@ impl Upstream {
                 "the challenge's realm is not an http(s) URL".into(),
             ));
         }
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            query.append_pair("scope", scope);
-            if let Some((user, _)) = &self.credentials {
-                query.append_pair("account", user);
-            }
+        if login.is_some() && url.scheme() == "http" && self.base.starts_with("https:") {
+            return Err(token_error(
+                "the challenge's realm is plain http; credentials are not sent over it".into(),
+            ));
         }
-        let mut request = self.http.get(url);
-        if let Some(basic) = self.basic() {
-            request = request.header(header::AUTHORIZATION, secret_header(&basic));
-        }
+        let credential = login.map(|l| &l.credential);
+        let request = match credential {
+            Some(Credential::IdentityToken { token, .. }) => {
+                // OAuth2 refresh-token grant, as docker and containerd send it.
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                form.append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", token.expose())
+                    .append_pair("client_id", "regcache")
+                    .append_pair("scope", scope);
+                if let Some(service) = service {
+                    form.append_pair("service", service);
+                }
+                self.http
+                    .post(url)
+                    .header(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-www-form-urlencoded"),
+                    )
+                    .body(form.finish())
+            }
+            _ => {
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(service) = service {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", scope);
+                    if let Some(user) = credential.and_then(Credential::username) {
+                        query.append_pair("account", user);
+                    }
+                }
+                let mut request = self.http.get(url);
+                if let Some(basic) = login.and_then(basic) {
+                    request = request.header(header::AUTHORIZATION, secret_header(&basic));
+                }
+                request
+            }
+        };
         let resp = request
             .send()
             .await
             .map_err(|e| token_error(format!("unreachable: {}", e.without_url())))?;
         if !resp.status().is_success() {
-            return Err(token_error(format!("answered {}", resp.status())));
+            let refused = matches!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            );
+            return Err(token_error_as(
+                format!("answered {}", resp.status()),
+                refused,
+            ));
         }
         let body = self.read_capped(resp, 1 << 20).await?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
@@ -563,6 +750,34 @@ impl Upstream {
         parsed
             .into_token(Instant::now())
             .ok_or_else(|| token_error("the token response has no token".into()))
+    }
+}
+
+/// Whether the upstream (or its token endpoint) refused the credentials presented.
+fn is_refused(result: &Result<reqwest::Response, Error>) -> bool {
+    match result {
+        Ok(resp) => resp.status() == StatusCode::UNAUTHORIZED,
+        Err(Error::Token { refused, .. }) => *refused,
+        Err(_) => false,
+    }
+}
+
+/// Where a bearer token for `scope` obtained with `login` is cached.
+fn token_key(login: Option<&Login>, scope: &str) -> String {
+    format!("{}|{scope}", login.map_or(0, |l| l.id))
+}
+
+/// `Basic base64(user:password)` for a Basic credential.
+fn basic(login: &Login) -> Option<String> {
+    match &login.credential {
+        Credential::Basic { username, password } => {
+            let raw = format!("{username}:{}", password.expose());
+            Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            ))
+        }
+        Credential::IdentityToken { .. } | Credential::RegistryToken { .. } => None,
     }
 }
 

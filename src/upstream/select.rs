@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::client::{self, Upstream};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::metrics::Metrics;
 use crate::oci::{ImageName, RegistryHost, RepoName};
 
@@ -36,10 +37,19 @@ fn canonical(host: RegistryHost) -> RegistryHost {
 }
 
 impl Upstreams {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, client::Error> {
+    pub fn new(
+        config: &Config,
+        credentials: Arc<Credentials>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstreams, client::Error> {
         let mut by_name = HashMap::new();
         for up in &config.upstreams {
-            let mut upstream = Upstream::new(up, &config.upstream_client, metrics.clone())?;
+            let mut upstream = Upstream::new(
+                up,
+                &config.upstream_client,
+                credentials.clone(),
+                metrics.clone(),
+            )?;
             if config.is_offline(up) {
                 upstream.set_offline();
             }
@@ -111,7 +121,13 @@ upstreams:
 "#,
         )
         .expect("valid config");
-        Upstreams::new(&config, Arc::new(Metrics::new())).expect("clients build")
+        let metrics = Arc::new(Metrics::new());
+        Upstreams::new(
+            &config,
+            Arc::new(Credentials::empty(metrics.clone())),
+            metrics,
+        )
+        .expect("clients build")
     }
 
     fn pick(u: &Upstreams, ns: Option<&str>, name: &str) -> Result<(String, String), SelectError> {

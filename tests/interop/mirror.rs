@@ -1,5 +1,7 @@
 //! regcache itself, run as users run it: the built binary, `serve --config FILE`, listening on
-//! a port the kernel picks (read back from its JSON log), logging to a file.
+//! a port the kernel picks (read back from its JSON log), logging to a file. The registry's
+//! credentials reach it only through a dockerconfigjson file in a directory laid out as the
+//! kubelet mounts a `kubernetes.io/dockerconfigjson` Secret.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,7 +34,7 @@ const DECOY: &str = "decoy.invalid:5000";
 
 impl Mirror {
     /// Starts regcache with `cache_dir` as its cache and `registry` as an upstream, authenticating
-    /// with the registry's credentials and trusting the test CA. `run` names this start's config
+    /// with the registry's credentials from a mounted-Secret directory and trusting the test CA. `run` names this start's config
     /// and log, so a restart keeps the first run's log.
     pub fn start(
         dir: &Path,
@@ -86,11 +88,44 @@ impl Mirror {
     pub fn stop(&mut self) {
         self.daemon.stop();
     }
+
+    /// Everything regcache has logged so far.
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+/// A Secret volume as the kubelet writes it: the data in a timestamped directory, `..data` a
+/// symlink to it, `.dockerconfigjson` a symlink through `..data`. The registry key is written
+/// with a scheme, as `docker login` records it. Returns the volume's directory.
+fn write_secret_volume(dir: &Path, registry: &str) -> PathBuf {
+    use base64::Engine as _;
+    if dir.join("..data").exists() {
+        return dir.to_owned();
+    }
+    let version = dir.join("..2026_11_24_14_00_00.000000001");
+    std::fs::create_dir_all(&version).expect("creating the secret volume");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let json = serde_json::json!({
+        "auths": {
+            format!("https://{registry}"): {
+                "username": USER,
+                "password": PASSWORD,
+                "auth": auth,
+            }
+        }
+    });
+    write(&version.join(".dockerconfigjson"), json.to_string());
+    std::os::unix::fs::symlink("..2026_11_24_14_00_00.000000001", dir.join("..data"))
+        .expect("linking ..data");
+    std::os::unix::fs::symlink("..data/.dockerconfigjson", dir.join(".dockerconfigjson"))
+        .expect("linking the secret's key");
+    dir.to_owned()
 }
 
 /// Writes `<dir>/regcache-<run>.yaml`: `cache_dir` as the cache, `registry` as an upstream with
-/// its credentials and the test CA, and a decoy upstream; with `offline`, every upstream is
-/// served from the cache only.
+/// the test CA, its credentials only in a mounted dockerconfigjson Secret, and a decoy upstream;
+/// with `offline`, every upstream is served from the cache only.
 pub fn write_config(
     dir: &Path,
     run: &str,
@@ -104,6 +139,7 @@ pub fn write_config(
         DefaultUpstream::Registry => registry.addr.as_str(),
         DefaultUpstream::Decoy => DECOY,
     };
+    let secret = write_secret_volume(&dir.join(format!("secret-{run}")), &registry.addr);
     // Port 9 (discard) on loopback: nothing listens there, so the decoy fails at once.
     let config = format!(
         "listen: \"127.0.0.1:0\"\n\
@@ -113,12 +149,12 @@ pub fn write_config(
          upstreams:\n\
          \x20 - name: \"{upstream}\"\n\
          \x20   url: \"https://{upstream}\"\n\
-         \x20   username: {USER}\n\
-         \x20   password: {PASSWORD}\n\
          \x20   ca_file: {ca}\n\
          \x20 - name: \"{DECOY}\"\n\
          \x20   url: \"https://127.0.0.1:9\"\n\
-         log:\n  format: json\n  level: info\n",
+         credentials:\n  files: [\"{secret}\"]\n\
+         log:\n  format: json\n  level: debug\n",
+        secret = secret.display(),
         cache = cache_dir.display(),
         upstream = registry.addr,
         ca = tls.ca_file.display(),

@@ -760,7 +760,8 @@ impl Builder {
     }
 
     /// Require a Bearer token on every `/v2/` request, issued by `GET /token` (Basic
-    /// credentials) or `POST /token` (an OAuth2 password grant form) for these credentials.
+    /// credentials) or `POST /token` (an OAuth2 password grant form) for these credentials,
+    /// or for an OAuth2 refresh-token grant whose refresh token is `pass` (an identity token).
     pub fn bearer_auth(mut self, user: &str, pass: &str) -> Self {
         self.state.auth = Auth::Bearer {
             user: user.to_owned(),
@@ -961,6 +962,23 @@ impl FakeUpstream {
         .await
         .expect("the fake upstream's listener changes state within 5s")
         .expect("the fake upstream's accept loop is running");
+    }
+
+    /// Rotates the credentials the registry accepts (Basic, or at the token endpoint): from now
+    /// on only these. Tokens already issued stay valid until they expire, as with Distribution.
+    pub fn set_credentials(&self, user: &str, pass: &str) {
+        let mut state = self.shared.state();
+        state.auth = match &state.auth {
+            Auth::None => Auth::None,
+            Auth::Basic { .. } => Auth::Basic {
+                user: user.to_owned(),
+                pass: pass.to_owned(),
+            },
+            Auth::Bearer { .. } => Auth::Bearer {
+                user: user.to_owned(),
+                pass: pass.to_owned(),
+            },
+        };
     }
 
     // --- tokens ---
@@ -1814,18 +1832,22 @@ fn token(state: &mut State, request: &Inbound<'_>) -> Response<Body> {
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.clone())
         };
-        if get("grant_type").as_deref() != Some("password") {
+        if get("grant_type").as_deref() == Some("refresh_token") {
+            let token = get("refresh_token").unwrap_or_default();
+            (params, Some(Some((user.clone(), token))))
+        } else if get("grant_type").as_deref() != Some("password") {
             return json_response(
                 StatusCode::BAD_REQUEST,
                 "application/json",
                 &serde_json::json!({ "error": "unsupported_grant_type" }),
             );
+        } else {
+            let credentials = match (get("username"), get("password")) {
+                (None, None) => None,
+                (u, p) => Some(Some((u.unwrap_or_default(), p.unwrap_or_default()))),
+            };
+            (params, credentials)
         }
-        let credentials = match (get("username"), get("password")) {
-            (None, None) => None,
-            (u, p) => Some(Some((u.unwrap_or_default(), p.unwrap_or_default()))),
-        };
-        (params, credentials)
     } else {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,

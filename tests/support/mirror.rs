@@ -38,6 +38,8 @@ pub struct MirrorBuilder {
     read_timeout: String,
     fill_timeout: String,
     offline: bool,
+    credential_files: Vec<PathBuf>,
+    credentials_admin: bool,
 }
 
 impl MirrorBuilder {
@@ -52,6 +54,8 @@ impl MirrorBuilder {
             read_timeout: "5s".to_owned(),
             fill_timeout: "10m".to_owned(),
             offline: false,
+            credential_files: Vec::new(),
+            credentials_admin: false,
         }
     }
 
@@ -127,6 +131,18 @@ impl MirrorBuilder {
         self
     }
 
+    /// `credentials.files`: a dockerconfigjson file or a mounted Secret directory.
+    pub fn credentials_from(mut self, path: &Path) -> MirrorBuilder {
+        self.credential_files.push(path.to_owned());
+        self
+    }
+
+    /// `credentials.admin_endpoint`.
+    pub fn credentials_admin_endpoint(mut self, on: bool) -> MirrorBuilder {
+        self.credentials_admin = on;
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -145,17 +161,26 @@ impl MirrorBuilder {
              cache:\n  dir: {dir}\n  tag_ttl: {ttl}\n  fill_timeout: {fill_timeout}\n\
              default_upstream: {default}\n\
              upstream_client:\n  connect_timeout: 2s\n  read_timeout: {read_timeout}\n  attempts: {attempts}\n  retry_backoff: 10ms\n\
-             server:\n  shutdown_timeout: 2s\n  header_read_timeout: 5s\n\
-             offline: {offline}\n\
-             upstreams:\n",
+             server:\n  shutdown_timeout: 2s\n  header_read_timeout: 5s\n",
             dir = q(&self.dir.to_string_lossy()),
             ttl = q(&self.tag_ttl),
             default = q(&default),
             attempts = self.attempts,
             read_timeout = q(&self.read_timeout),
             fill_timeout = q(&self.fill_timeout),
-            offline = self.offline,
         );
+        // The periodic re-read is long, so a test sees the file watch (or a 401's re-read) work.
+        yaml.push_str(&format!(
+            "credentials:\n  reload_interval: 1h\n  admin_endpoint: {}\n  files: [{}]\n",
+            self.credentials_admin,
+            self.credential_files
+                .iter()
+                .map(|p| q(&p.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        yaml.push_str(&format!("offline: {}\n", self.offline));
+        yaml.push_str("upstreams:\n");
         for up in &self.upstreams {
             yaml.push_str(&format!(
                 "  - name: {}\n    url: {}\n",

@@ -2,5 +2,7 @@
 //! only part of it, hence the blanket `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod fake_kube;
 pub mod fake_upstream;
 pub mod mirror;
+pub mod secret;
