@@ -50,6 +50,15 @@ pub async fn serve(
         .map_err(store::Error::Task)??;
     let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
+    let (stop_maintenance, maintenance_stopped) = tokio::sync::oneshot::channel::<()>();
+    let maintenance = tokio::spawn(store::evict::run(
+        store.clone(),
+        config.cache.limits.clone(),
+        metrics.clone(),
+        async move {
+            let _ = maintenance_stopped.await;
+        },
+    ));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let app = Arc::new(http::App::new(cache, metrics));
     if let Ok(addr) = listener.local_addr() {
@@ -63,6 +72,8 @@ pub async fn serve(
     let shutdown_timeout = limits.shutdown_timeout;
     http::server::run(listener, app.clone(), limits, shutdown).await;
     app.cache.drain(shutdown_timeout).await;
+    let _ = stop_maintenance.send(());
+    let _ = maintenance.await;
     Ok(())
 }
 

@@ -105,6 +105,8 @@ impl Cache {
     /// immutable, and clients ask for the same few over and over.
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>, Error> {
         if let Some(hit) = self.recent_manifests.get(digest).await {
+            // Keeps its place in the eviction order like a disk hit.
+            self.store.touch(digest);
             return Ok(Some(hit));
         }
         let stored = self.store.get_manifest(digest).await?;
