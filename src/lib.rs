@@ -5,11 +5,13 @@
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `oci`: the spec's types, no IO.
+//! - `maintenance`: the `regcache cache` commands (stats, verify, gc) over `store`.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod oci;
 pub mod store;

@@ -28,6 +28,99 @@ enum Command {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Inspect and maintain the disk cache.
+    Cache {
+        #[arg(long, short, env = "REGCACHE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Size, objects and usage by upstream; the hit ratio when the mirror is running.
+    Stats {
+        /// The running mirror's metrics; default: http://<listen>/metrics from the config.
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// Count from the files on disk instead of trusting the access index.
+        #[arg(long)]
+        scan: bool,
+    },
+    /// Rehash every cached object; corrupt ones are quarantined and never served again.
+    /// Exits with 1 when any was found.
+    Verify,
+    /// Evict least recently used content now (pinned content stays).
+    Gc {
+        /// Size to evict down to: bytes (10GiB) or a share of the filesystem (50%). Without
+        /// it, the configured cache.limits are applied once. Needs the mirror stopped.
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+fn load(config: Option<&std::path::Path>) -> Result<regcache::config::Config, ExitCode> {
+    regcache::config::Config::load(config).map_err(|e| {
+        eprintln!("regcache: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn cache_command(config: Option<PathBuf>, command: CacheCommand) -> ExitCode {
+    let config = match load(config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    regcache::telemetry::init(&regcache::config::LogConfig {
+        level: "warn".into(),
+        ..config.log.clone()
+    });
+    let failed = |e: &dyn std::fmt::Display| {
+        eprintln!("regcache: {e}");
+        ExitCode::FAILURE
+    };
+    match command {
+        CacheCommand::Stats { metrics_url, scan } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => return failed(&e),
+            };
+            match runtime.block_on(regcache::maintenance::stats(
+                &config,
+                metrics_url.as_deref(),
+                scan,
+            )) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e),
+            }
+        }
+        CacheCommand::Verify => {
+            match regcache::maintenance::verify(&config, |line| eprintln!("{line}")) {
+                Ok(outcome) => {
+                    print!("{}", outcome.report);
+                    if outcome.corrupt == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => failed(&e),
+            }
+        }
+        CacheCommand::Gc { target } => {
+            match regcache::maintenance::gc(&config, target.as_deref()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e),
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -58,6 +151,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cache { config, command } => cache_command(config, command),
         Command::CheckConfig { config } => {
             match regcache::config::Config::load(config.as_deref()) {
                 Ok(c) => {

@@ -17,6 +17,8 @@ mod auth;
 mod coalesce;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
+#[path = "mirror/eviction.rs"]
+mod eviction;
 #[path = "mirror/lifecycle.rs"]
 mod lifecycle;
 #[path = "mirror/passthrough.rs"]

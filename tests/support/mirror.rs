@@ -36,6 +36,7 @@ pub struct MirrorBuilder {
     attempts: u32,
     read_timeout: String,
     fill_timeout: String,
+    limits: Vec<(String, String)>,
 }
 
 impl MirrorBuilder {
@@ -49,6 +50,7 @@ impl MirrorBuilder {
             attempts: 3,
             read_timeout: "5s".to_owned(),
             fill_timeout: "10m".to_owned(),
+            limits: Vec::new(),
         }
     }
 
@@ -108,6 +110,12 @@ impl MirrorBuilder {
         self
     }
 
+    /// One `cache.limits` key (`max_size`, `high_watermark`, `check_interval`, ...).
+    pub fn limit(mut self, key: &str, value: &str) -> MirrorBuilder {
+        self.limits.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -123,7 +131,7 @@ impl MirrorBuilder {
             .expect("a mirror needs at least one upstream");
         let mut yaml = format!(
             "listen: \"127.0.0.1:0\"\n\
-             cache:\n  dir: {dir}\n  tag_ttl: {ttl}\n  fill_timeout: {fill_timeout}\n\
+             cache:\n  dir: {dir}\n  tag_ttl: {ttl}\n  fill_timeout: {fill_timeout}\n{limits}\
              default_upstream: {default}\n\
              upstream_client:\n  connect_timeout: 2s\n  read_timeout: {read_timeout}\n  attempts: {attempts}\n  retry_backoff: 10ms\n\
              server:\n  shutdown_timeout: 2s\n  header_read_timeout: 5s\n\
@@ -134,6 +142,15 @@ impl MirrorBuilder {
             attempts = self.attempts,
             read_timeout = q(&self.read_timeout),
             fill_timeout = q(&self.fill_timeout),
+            limits = if self.limits.is_empty() {
+                String::new()
+            } else {
+                let mut l = "  limits:\n".to_owned();
+                for (k, v) in &self.limits {
+                    l.push_str(&format!("    {k}: {}\n", q(v)));
+                }
+                l
+            },
         );
         for up in &self.upstreams {
             yaml.push_str(&format!(
