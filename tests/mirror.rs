@@ -17,6 +17,8 @@ mod auth;
 mod coalesce;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
+#[path = "mirror/disk_full.rs"]
+mod disk_full;
 #[path = "mirror/eviction.rs"]
 mod eviction;
 #[path = "mirror/lifecycle.rs"]

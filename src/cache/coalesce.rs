@@ -7,6 +7,12 @@
 //! unknown size, never ends the body) before the fill has verified the digest. A mismatch or a
 //! broken upstream ends every reader's body with an error, so no client ever takes a wrong blob
 //! for a complete one.
+//!
+//! A full disk is not a failed download: when a write fails with ENOSPC, nothing of the blob is
+//! kept (the temporary file is removed) and every reader carries on straight from the upstream
+//! (`FillState::DiskFull`): it hashes what it already sent from the partial file, asks the
+//! upstream for the rest with a `Range` request, and still holds back its last chunk until the
+//! digest checks out.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,11 +51,17 @@ pub enum FillState {
         size: u64,
     },
     Failed(Arc<Error>),
+    /// The disk filled up after `0..written` bytes: nothing is kept, readers fetch the rest
+    /// from the upstream themselves.
+    DiskFull {
+        size: Option<u64>,
+    },
 }
 
 pub struct Flight {
     pub upstream: Arc<Upstream>,
     pub repo: RepoName,
+    digest: Digest,
     state: watch::Receiver<FillState>,
     file: Arc<File>,
     readers: AtomicUsize,
@@ -64,6 +76,7 @@ impl Flight {
                 FillState::Starting => {}
                 FillState::Filling { size, .. } => return Ok(*size),
                 FillState::Done { size } => return Ok(Some(*size)),
+                FillState::DiskFull { size } => return Ok(*size),
                 FillState::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {
@@ -92,6 +105,7 @@ impl Flight {
             state: self.state.clone(),
             pos: 0,
             metrics,
+            relay: None,
         }
     }
 }
@@ -143,6 +157,7 @@ impl Flights {
         let flight = Arc::new(Flight {
             upstream: upstream.clone(),
             repo: repo.clone(),
+            digest: digest.clone(),
             state: rx,
             file: ingest.reader(),
             readers: AtomicUsize::new(0),
@@ -202,6 +217,16 @@ impl Fill {
                     Err(e) => tracing::error!(error = %e, "a verified blob could not be stored"),
                 }
                 self.leave();
+            }
+            Err(Error::Store(e)) if e.is_disk_full() => {
+                self.leave();
+                self.metrics.disk_full.inc();
+                let size = match &*self.tx.borrow() {
+                    FillState::Filling { size, .. } => *size,
+                    _ => None,
+                };
+                tracing::warn!(error = %e, "the cache's disk is full: this blob goes to its clients straight from the upstream and is not kept");
+                self.tx.send_replace(FillState::DiskFull { size });
             }
             Err(e) => {
                 // Leave before announcing the failure, so a retry starts a new download
@@ -355,6 +380,18 @@ pub struct GrowingReader {
     state: watch::Receiver<FillState>,
     pos: u64,
     metrics: Arc<Metrics>,
+    /// Set once the disk filled up: the rest of the blob, straight from the upstream.
+    relay: Option<Box<Relay>>,
+}
+
+struct Relay {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    hasher: crate::oci::DigestHasher,
+    /// The latest chunk, sent only once the next one (or the verified end) arrives.
+    held: Option<Bytes>,
+    /// Bytes hashed so far, from the start of the blob.
+    hashed: u64,
+    ended: bool,
 }
 
 impl Drop for GrowingReader {
@@ -375,7 +412,16 @@ impl GrowingReader {
                 }
                 FillState::Done { size } => (*size, Some(*size)),
                 FillState::Failed(e) => return Some(Err(std::io::Error::other(e.to_string()))),
+                // Checked below, once the borrow of the state is released.
+                FillState::DiskFull { .. } => (0, None),
             };
+            let disk_full = match &*self.state.borrow() {
+                FillState::DiskFull { size } => Some(*size),
+                _ => None,
+            };
+            if let Some(size) = disk_full {
+                return self.relay_next(size).await;
+            }
             if self.pos < readable {
                 let len = (readable - self.pos).min(READ_CHUNK as u64) as usize;
                 let result = read_at(self.flight.file.clone(), self.pos, len).await;
@@ -396,6 +442,92 @@ impl GrowingReader {
             }
         }
     }
+}
+
+impl GrowingReader {
+    /// The next chunk once the disk filled up: what was not yet sent comes from the upstream,
+    /// and the whole blob is still checked against its digest before its last chunk goes out.
+    async fn relay_next(&mut self, size: Option<u64>) -> Option<std::io::Result<Bytes>> {
+        if self.relay.is_none() {
+            match start_relay(self.flight.clone(), self.pos).await {
+                Ok(relay) => self.relay = Some(Box::new(relay)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let relay = self.relay.as_mut().expect("set just above");
+        while !relay.ended {
+            match relay.body.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => {}
+                Some(Ok(chunk)) => {
+                    relay.hasher.update(&chunk);
+                    relay.hashed += chunk.len() as u64;
+                    if let Some(previous) = relay.held.replace(chunk) {
+                        return Some(Ok(self.sent(previous)));
+                    }
+                }
+                Some(Err(e)) => {
+                    relay.ended = true;
+                    relay.held = None;
+                    return Some(Err(std::io::Error::other(format!(
+                        "the upstream body broke off: {e}"
+                    ))));
+                }
+                None => {
+                    relay.ended = true;
+                    let hasher = std::mem::replace(
+                        &mut relay.hasher,
+                        crate::oci::DigestHasher::new(self.flight.digest.algorithm()),
+                    );
+                    let actual = hasher.finish();
+                    if actual != self.flight.digest || size.is_some_and(|s| s != relay.hashed) {
+                        relay.held = None;
+                        return Some(Err(std::io::Error::other(
+                            "the upstream sent a blob that does not match its digest",
+                        )));
+                    }
+                }
+            }
+        }
+        let last = relay.held.take()?;
+        Some(Ok(self.sent(last)))
+    }
+
+    fn sent(&mut self, chunk: Bytes) -> Bytes {
+        self.pos += chunk.len() as u64;
+        self.metrics
+            .served_bytes
+            .with_label_values(&["upstream"])
+            .inc_by(chunk.len() as u64);
+        chunk
+    }
+}
+
+/// Hashes the bytes already sent (still readable through the unlinked partial file) and
+/// asks the upstream for the rest.
+async fn start_relay(flight: Arc<Flight>, pos: u64) -> std::io::Result<Relay> {
+    let mut hasher = crate::oci::DigestHasher::new(flight.digest.algorithm());
+    let mut offset = 0;
+    while offset < pos {
+        let len = (pos - offset).min(4 * READ_CHUNK as u64) as usize;
+        let bytes = read_at(flight.file.clone(), offset, len).await?;
+        if bytes.is_empty() {
+            return Err(std::io::Error::other("the partial download was cut short"));
+        }
+        hasher.update(&bytes);
+        offset += bytes.len() as u64;
+    }
+    let resp = flight
+        .upstream
+        .blob(&flight.repo, &flight.digest, pos)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Relay {
+        body: resp.bytes_stream().boxed(),
+        hasher,
+        held: None,
+        hashed: pos,
+        ended: false,
+    })
 }
 
 /// Reads `len` bytes at `offset` on a blocking thread (a short read only at end of file).
