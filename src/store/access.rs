@@ -5,10 +5,10 @@
 //! Why a journal rather than an embedded database (redb, sled): the data is small (about 100
 //! bytes a blob), every change is a blind upsert, and the only durability need is "never lose
 //! content, at worst an older access time". A journal of self-checking lines gives that with no
-//! dependency and no second copy of the truth: start-up reads two sequential files (100,000
-//! blobs load in well under a second, `benches/startup.rs`), a torn last line is detected by its
-//! checksum and cut off, and a lost record only means a blob the background reconciliation scan
-//! (`Store::reconcile`) finds on disk and re-adds with its file time. The blob files stay the
+//! dependency and no second copy of the truth: start-up reads two sequential files and never
+//! the blob files (`benches/startup.rs` measures it with 100,000 objects), a torn last line is
+//! detected by its checksum and cut off, and a lost record only means a blob the background
+//! reconciliation scan (`Store::reconcile`) finds on disk and re-adds with its file time. The blob files stay the
 //! truth: the index never makes content servable, it only orders eviction.
 //!
 //! Access times are batched: a hit updates memory, and `flush` (every eviction check and at
