@@ -418,8 +418,50 @@ impl Store {
                 forgotten += 1;
             }
         }
+        if added > 0 {
+            self.attribute_upstreams();
+        }
         self.flush_index()?;
         Ok((added, forgotten))
+    }
+
+    /// Credits content the scan found to the upstreams whose repositories link it, so quotas
+    /// and `cache stats` cover a cache written before the index existed.
+    fn attribute_upstreams(&self) {
+        fn walk(dir: &Path, upstream: &RegistryHost, store: &Store) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                if entry.file_name() != "_links" {
+                    walk(&path, upstream, store);
+                    continue;
+                }
+                for alg in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let alg_name = alg.file_name().to_string_lossy().into_owned();
+                    for link in std::fs::read_dir(alg.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        let name = link.file_name().to_string_lossy().into_owned();
+                        if let Ok(digest) = format!("{alg_name}:{name}").parse::<Digest>() {
+                            store.index.lock().add_upstream(&digest, upstream);
+                        }
+                    }
+                }
+            }
+        }
+        let repos = self.root().join("repos");
+        for up in std::fs::read_dir(&repos).into_iter().flatten().flatten() {
+            if let Ok(upstream) = up.file_name().to_string_lossy().parse::<RegistryHost>() {
+                walk(&up.path(), &upstream, self);
+            }
+        }
     }
 
     /// Every file under `blobs/` whose path names a valid digest.
@@ -713,6 +755,9 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             a = put(&store, 1, 10).await;
             b = put(&store, 2, 20).await;
+            let hub: RegistryHost = "docker.io".parse().expect("host");
+            let repo: crate::oci::RepoName = "team/app".parse().expect("repo");
+            store.link(&hub, &repo, &b).await.expect("link");
         }
         std::fs::remove_dir_all(dir.path().join("index")).expect("lose the index");
         std::fs::remove_file(Layout::new(dir.path()).blob(&a)).expect("lose a blob");
@@ -720,7 +765,8 @@ mod tests {
         assert_eq!(store.usage(), (0, 0));
         assert_eq!(store.reconcile().expect("scan"), (1, 0));
         assert_eq!(store.usage(), (20, 1));
-        assert!(store.entry(&b).is_some());
+        let hub: RegistryHost = "docker.io".parse().expect("host");
+        assert_eq!(store.entry(&b).map(|e| e.upstreams), Some(vec![hub]));
     }
 
     #[tokio::test]
