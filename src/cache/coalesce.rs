@@ -392,6 +392,8 @@ struct Relay {
     /// Bytes hashed so far, from the start of the blob.
     hashed: u64,
     ended: bool,
+    /// Why the body failed; every later read fails the same way, so it never looks complete.
+    broken: Option<&'static str>,
 }
 
 impl Drop for GrowingReader {
@@ -455,6 +457,9 @@ impl GrowingReader {
             }
         }
         let relay = self.relay.as_mut().expect("set just above");
+        if let Some(reason) = relay.broken {
+            return Some(Err(std::io::Error::other(reason)));
+        }
         while !relay.ended {
             match relay.body.next().await {
                 Some(Ok(chunk)) if chunk.is_empty() => {}
@@ -468,6 +473,7 @@ impl GrowingReader {
                 Some(Err(e)) => {
                     relay.ended = true;
                     relay.held = None;
+                    relay.broken = Some("the upstream body broke off");
                     return Some(Err(std::io::Error::other(format!(
                         "the upstream body broke off: {e}"
                     ))));
@@ -481,9 +487,13 @@ impl GrowingReader {
                     let actual = hasher.finish();
                     if actual != self.flight.digest || size.is_some_and(|s| s != relay.hashed) {
                         relay.held = None;
-                        return Some(Err(std::io::Error::other(
-                            "the upstream sent a blob that does not match its digest",
-                        )));
+                        let reason = "the upstream sent a blob that does not match its digest";
+                        relay.broken = Some(reason);
+                        self.metrics
+                            .digest_mismatches
+                            .with_label_values(&[self.flight.upstream.name().as_str()])
+                            .inc();
+                        return Some(Err(std::io::Error::other(reason)));
                     }
                 }
             }
@@ -527,6 +537,7 @@ async fn start_relay(flight: Arc<Flight>, pos: u64) -> std::io::Result<Relay> {
         held: None,
         hashed: pos,
         ended: false,
+        broken: None,
     })
 }
 

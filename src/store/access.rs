@@ -53,6 +53,8 @@ pub struct Entry {
 
 pub(super) struct AccessIndex {
     dir: PathBuf,
+    /// The process holding `index/lock`: it alone cuts torn tails and compacts.
+    owner: bool,
     inner: Mutex<Inner>,
 }
 
@@ -66,9 +68,9 @@ pub(super) struct Inner {
 }
 
 impl AccessIndex {
-    /// Loads the snapshot and replays the journal. Writable: a torn or corrupt journal tail is
-    /// cut off so appends continue after the last good record.
-    pub fn load(dir: &Path, writable: bool) -> io::Result<AccessIndex> {
+    /// Loads the snapshot and replays the journal. Owner: a torn or corrupt journal tail is cut
+    /// off so appends continue after the last good record. Writable: changes are appended.
+    pub fn load(dir: &Path, writable: bool, owner: bool) -> io::Result<AccessIndex> {
         if writable {
             std::fs::create_dir_all(dir)?;
         }
@@ -96,7 +98,7 @@ impl AccessIndex {
             Ok(file) => {
                 let (good, bad) = inner.replay(file)?;
                 inner.journal_records = good.1;
-                if bad && writable {
+                if bad && owner {
                     tracing::warn!(
                         kept_bytes = good.0,
                         "cut a torn record off the access journal (an interrupted write); at worst some access times are older"
@@ -119,6 +121,7 @@ impl AccessIndex {
         }
         Ok(AccessIndex {
             dir: dir.to_owned(),
+            owner,
             inner: Mutex::new(inner),
         })
     }
@@ -143,7 +146,10 @@ impl AccessIndex {
         if let Some(journal) = &inner.journal {
             journal.sync_data()?;
         }
-        if inner.journal_records > COMPACT_AFTER && inner.journal_records > inner.entries.len() {
+        if self.owner
+            && inner.journal_records > COMPACT_AFTER
+            && inner.journal_records > inner.entries.len()
+        {
             inner.compact(&self.dir)?;
         }
         Ok(())
@@ -371,7 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let up: RegistryHost = "docker.io".parse().expect("host");
         {
-            let index = AccessIndex::load(dir.path(), true).expect("load");
+            let index = AccessIndex::load(dir.path(), true, true).expect("load");
             let mut i = index.lock();
             i.insert(&d(1), 10, 100);
             i.insert(&d(2), 20, 200);
@@ -388,7 +394,7 @@ mod tests {
         f.write_all(b"+ sha256:abc 12").expect("write");
         drop(f);
 
-        let index = AccessIndex::load(dir.path(), true).expect("reload");
+        let index = AccessIndex::load(dir.path(), true, true).expect("reload");
         let mut i = index.lock();
         assert_eq!(i.usage(), (30, 2));
         assert_eq!(i.get(&d(1)).map(|e| e.last_access), Some(300));
@@ -397,14 +403,14 @@ mod tests {
         i.insert(&d(4), 40, 500);
         drop(i);
         drop(index);
-        let index = AccessIndex::load(dir.path(), false).expect("reload");
+        let index = AccessIndex::load(dir.path(), false, false).expect("reload");
         assert_eq!(index.lock().usage(), (70, 3));
     }
 
     #[test]
     fn compaction_keeps_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let index = AccessIndex::load(dir.path(), true).expect("load");
+        let index = AccessIndex::load(dir.path(), true, true).expect("load");
         {
             let mut i = index.lock();
             for n in 0..100 {
@@ -416,7 +422,7 @@ mod tests {
         }
         index.flush().expect("flush");
         drop(index);
-        let index = AccessIndex::load(dir.path(), true).expect("reload");
+        let index = AccessIndex::load(dir.path(), true, true).expect("reload");
         let i = index.lock();
         assert_eq!(i.usage(), ((1..100).sum(), 99));
         assert_eq!(i.get(&d(5)).map(|e| e.last_access), Some(1_000));

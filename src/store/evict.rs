@@ -580,9 +580,12 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// The background task of a serving mirror: reconciles the index with the disk once, then
-/// checks the limits every `check_interval` or when content was stored, flushing access times
-/// each time. Ends (after a last flush) when `stop` resolves.
+/// How often a serving mirror rescans `blobs/` for content it did not store itself.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The background task of a serving mirror: reconciles the index with the disk (at start, then
+/// hourly), and checks the limits every `check_interval` or when content was stored, flushing
+/// access times each time. Ends (after a last flush) when `stop` resolves.
 pub async fn run(
     store: Store,
     limits: LimitsConfig,
@@ -609,7 +612,22 @@ pub async fn run(
     };
     let work = async {
         reconcile.await;
+        let mut scanned = tokio::time::Instant::now();
         loop {
+            if scanned.elapsed() >= RESCAN_INTERVAL {
+                // Content other processes stored (seeding beside the mirror) or an operator
+                // removed by hand comes into the index.
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.reconcile()).await {
+                    Ok(Ok((added, forgotten))) if added + forgotten > 0 => {
+                        tracing::info!(added, forgotten, "access index updated from the disk")
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not rescan the cache"),
+                    Err(e) => tracing::warn!(error = %e, "the cache rescan failed"),
+                }
+                scanned = tokio::time::Instant::now();
+            }
             let pass = {
                 let store = store.clone();
                 let limits = limits.clone();
@@ -829,5 +847,9 @@ mod tests {
             .expect("refused while in use");
         assert!(matches!(busy, Error::Busy(_)), "{busy}");
         Store::open_with(dir.path(), super::super::Access::ReadOnly).expect("read-only is fine");
+        let seeding =
+            Store::open_with(dir.path(), super::super::Access::Shared).expect("shared is fine");
+        let d = Digest::of(Algorithm::Sha256, b"seeded");
+        seeding.pin(&d).expect("pin beside the mirror");
     }
 }

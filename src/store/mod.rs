@@ -82,6 +82,10 @@ pub enum Access {
     Exclusive,
     /// `cache stats`: reads the index without writing anything, beside a running mirror.
     ReadOnly,
+    /// A command adding content or pins beside a running mirror (seeding): no lock, no sweep of
+    /// `ingest/` (the mirror's downloads live there), journal appends but no compaction. The
+    /// mirror's periodic scan picks up what it stored.
+    Shared,
 }
 
 #[derive(Clone)]
@@ -107,15 +111,18 @@ impl Store {
     pub fn open_with(root: &Path, access: Access) -> Result<Store> {
         let layout = Layout::new(root);
         let read_only = access == Access::ReadOnly;
-        let lock = if read_only {
-            None
-        } else {
+        let owner = matches!(access, Access::Serve | Access::Exclusive);
+        if !read_only {
             for dir in [layout.blobs_dir(), layout.ingest_dir(), layout.index_dir()] {
                 std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
             }
+        }
+        let lock = if owner {
             Some(Arc::new(take_lock(&layout, access)?))
+        } else {
+            None
         };
-        if !read_only {
+        if owner {
             let ingest = layout.ingest_dir();
             let entries = std::fs::read_dir(&ingest).map_err(Error::io("list", &ingest))?;
             for entry in entries.flatten() {
@@ -126,7 +133,7 @@ impl Store {
             }
         }
         let index_dir = layout.index_dir();
-        let index = access::AccessIndex::load(&index_dir, !read_only)
+        let index = access::AccessIndex::load(&index_dir, !read_only, owner)
             .map_err(Error::io("load the access index in", &index_dir))?;
         Ok(Store {
             layout,

@@ -9,8 +9,8 @@ use std::process::Command;
 use bytes::Bytes;
 use reqwest::StatusCode;
 
-use super::{body, get_blob, within};
-use crate::support::fake_upstream::{FakeUpstream, sha256_digest};
+use super::{body, get_blob, read_until_end_or_error, within};
+use crate::support::fake_upstream::{FakeUpstream, Fault, sha256_digest};
 use crate::support::mirror::MirrorBuilder;
 
 /// A size-limited tmpfs, unmounted on drop.
@@ -125,5 +125,49 @@ async fn a_full_disk_mid_download_still_serves_whole_blobs_and_keeps_nothing_par
     let again = mirror.get(&format!("/v2/team/app/blobs/{big_d}")).await;
     assert_eq!(again.status(), StatusCode::OK);
     assert!(body(again).await == big);
+    mirror.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_blob_relayed_past_a_full_disk_is_never_handed_out_as_complete() {
+    let Some(fs) = SmallFs::mount("1m") else {
+        eprintln!(
+            "SKIPPED: mounting a small tmpfs is not permitted here, so a full disk cannot be tested"
+        );
+        return;
+    };
+    let big: Bytes = (0..3 * 1024 * 1024u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let digest = sha256_digest(&big);
+    let up = FakeUpstream::builder()
+        .blob("team/app", big.clone())
+        .fault(Fault::on_blob(&digest).wrong_bytes())
+        .start()
+        .await;
+    let mirror = MirrorBuilder::new(&fs.path)
+        .upstream(&up.host(), &up.url())
+        .start()
+        .await;
+    let response = mirror.get(&format!("/v2/team/app/blobs/{digest}")).await;
+    let received = read_until_end_or_error(response).await;
+    assert!(
+        received.error.is_some() || received.bytes.len() < big.len(),
+        "a blob that does not match its digest never arrives complete"
+    );
+    assert_eq!(
+        mirror.metric("regcache_cache_disk_full_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        mirror
+            .metric(
+                "regcache_digest_mismatches_total",
+                &[("upstream", &up.host())]
+            )
+            .await,
+        1.0
+    );
     mirror.stop().await;
 }
