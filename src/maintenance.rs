@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 
 use crate::config::Config;
-use crate::store::{self, Access, Evicted, SizeLimit, Store};
+use crate::store::{self, Access, GcTarget, SizeLimit, Store};
 
 /// `regcache cache stats`: the index's view of the cache, plus the hit ratio since the running
 /// mirror started when its `/metrics` answers at `metrics_url`.
@@ -202,7 +202,8 @@ pub fn verify(
 }
 
 /// `regcache cache gc [--target SIZE]`: evicts least recently used content now, down to
-/// `target` (bytes or a share of the filesystem), or applies the configured limits once.
+/// `target` (bytes or a share of the filesystem), or applies the configured limits once. With
+/// the mirror running, the mirror does it (asked through `index/gc.request`) and reports back.
 pub fn gc(config: &Config, target: Option<&str>) -> Result<String, GcError> {
     let target = match target {
         Some(t) => {
@@ -211,61 +212,40 @@ pub fn gc(config: &Config, target: Option<&str>) -> Result<String, GcError> {
                 max_size: Some(limit),
                 ..Default::default()
             };
-            Some(limits.max_bytes(&config.cache.dir).ok_or_else(|| {
+            GcTarget::Bytes(limits.max_bytes(&config.cache.dir).ok_or_else(|| {
                 GcError::Target(format!(
                     "cannot size the filesystem of {}",
                     config.cache.dir.display()
                 ))
             })?)
         }
-        None => None,
+        None => GcTarget::Limits,
     };
-    let store = Store::open_with(&config.cache.dir, Access::Exclusive)?;
-    store.reconcile()?;
-    let (before, _) = store.usage();
-    let evicted: Evicted = match target {
-        Some(t) => store.gc(t)?,
-        None => {
-            let limits = &config.cache.limits;
-            if limits.max_size.is_none()
-                && limits.upstream_quotas.is_empty()
-                && limits.max_unused_age.is_none()
-            {
-                return Err(GcError::Target(
-                    "no limit is configured (cache.limits); pass --target SIZE".into(),
-                ));
-            }
-            let e = store.enforce(limits)?;
-            store.flush_index()?;
-            e
+    match Store::open_with(&config.cache.dir, Access::Exclusive) {
+        Ok(store) => {
+            store.reconcile()?;
+            let (_, report) = store
+                .run_gc(target, &config.cache.limits)
+                .map_err(GcError::Refused)?;
+            Ok(report)
         }
-    };
-    let (after, objects) = store.usage();
-    let mut out = String::new();
-    for (reason, (n, bytes)) in &evicted.by_reason {
-        let _ = writeln!(
-            out,
-            "evicted {n} objects ({}) [{}]",
-            ByteSize::b(*bytes).display().iec(),
-            reason.as_str()
-        );
+        Err(store::Error::Busy(_)) => {
+            let store = Store::open_with(&config.cache.dir, Access::ReadOnly)?;
+            let report = store
+                .request_gc(target, Duration::from_secs(300))?
+                .map_err(GcError::Refused)?;
+            Ok(format!("done by the running mirror:\n{report}"))
+        }
+        Err(e) => Err(e.into()),
     }
-    if evicted.skipped > 0 {
-        let _ = writeln!(out, "kept {} pinned objects", evicted.skipped);
-    }
-    let _ = writeln!(
-        out,
-        "cache: {} -> {} in {objects} objects",
-        ByteSize::b(before).display().iec(),
-        ByteSize::b(after).display().iec()
-    );
-    Ok(out)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error("--target: {0}")]
     Target(String),
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] store::Error),
 }

@@ -239,6 +239,44 @@ impl Evicted {
     }
 }
 
+impl Evicted {
+    /// Lines for an operator: what went, by reason, and the cache before and after.
+    pub fn report(&self, before: u64, after: u64, objects: u64) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for (reason, (n, bytes)) in &self.by_reason {
+            let _ = writeln!(
+                out,
+                "evicted {n} objects ({}) [{}]",
+                ByteSize::b(*bytes).display().iec(),
+                reason.as_str()
+            );
+        }
+        if self.skipped > 0 {
+            let _ = writeln!(out, "kept {} pinned or open objects", self.skipped);
+        }
+        let _ = writeln!(
+            out,
+            "cache: {} -> {} in {objects} objects",
+            ByteSize::b(before).display().iec(),
+            ByteSize::b(after).display().iec()
+        );
+        out
+    }
+}
+
+/// What `cache gc` asks for: evict down to a size, or apply the configured limits once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GcTarget {
+    Bytes(u64),
+    Limits,
+}
+
+const GC_REQUEST: &str = "gc.request";
+const GC_RESULT: &str = "gc.result";
+/// How often a serving mirror looks for a `cache gc` request.
+const GC_POLL: Duration = Duration::from_secs(1);
+
 /// What `verify` found.
 #[derive(Debug, Default)]
 pub struct Verification {
@@ -367,6 +405,87 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// Runs a `cache gc`: the report, or why nothing could be done.
+    pub fn run_gc(
+        &self,
+        target: GcTarget,
+        limits: &LimitsConfig,
+    ) -> Result<(Evicted, String), String> {
+        let (before, _) = self.usage();
+        let evicted = match target {
+            GcTarget::Bytes(t) => self.gc(t).map_err(|e| e.to_string())?,
+            GcTarget::Limits => {
+                if limits.max_size.is_none()
+                    && limits.upstream_quotas.is_empty()
+                    && limits.max_unused_age.is_none()
+                {
+                    return Err("no limit is configured (cache.limits); pass --target SIZE".into());
+                }
+                let e = self.enforce(limits).map_err(|e| e.to_string())?;
+                self.flush_index().map_err(|e| e.to_string())?;
+                e
+            }
+        };
+        let (after, objects) = self.usage();
+        let report = evicted.report(before, after, objects);
+        Ok((evicted, report))
+    }
+
+    /// Asks the running mirror to run a `cache gc` (`index/gc.request`) and waits up to
+    /// `timeout` for its report.
+    pub fn request_gc(
+        &self,
+        target: GcTarget,
+        timeout: Duration,
+    ) -> Result<Result<String, String>> {
+        let dir = self.layout.index_dir();
+        remove_if_present(&dir.join(GC_RESULT))?;
+        let body = match target {
+            GcTarget::Bytes(b) => b.to_string(),
+            GcTarget::Limits => "limits".to_owned(),
+        };
+        super::write_atomically(&dir, &dir.join(GC_REQUEST), body.as_bytes())?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(text) = std::fs::read_to_string(dir.join(GC_RESULT)) {
+                remove_if_present(&dir.join(GC_RESULT))?;
+                return Ok(match text.split_once('\n') {
+                    Some(("ok", report)) => Ok(report.to_owned()),
+                    Some((_, reason)) => Err(reason.trim().to_owned()),
+                    None => Err(text),
+                });
+            }
+        }
+        remove_if_present(&dir.join(GC_REQUEST))?;
+        Ok(Err(format!(
+            "the running mirror did not answer within {}s",
+            timeout.as_secs()
+        )))
+    }
+
+    /// A pending `cache gc` request, taken (removed) so it runs once.
+    fn take_gc_request(&self) -> Option<GcTarget> {
+        let path = self.layout.index_dir().join(GC_REQUEST);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        match text.trim() {
+            "limits" => Some(GcTarget::Limits),
+            n => n.parse().ok().map(GcTarget::Bytes),
+        }
+    }
+
+    fn answer_gc(&self, answer: &Result<(Evicted, String), String>) {
+        let dir = self.layout.index_dir();
+        let text = match answer {
+            Ok((_, report)) => format!("ok\n{report}"),
+            Err(reason) => format!("error\n{reason}\n"),
+        };
+        if let Err(e) = super::write_atomically(&dir, &dir.join(GC_RESULT), text.as_bytes()) {
+            tracing::warn!(error = %e, "could not answer a cache gc request");
+        }
     }
 
     /// Evicts least recently used content now until the cache holds at most `target` bytes.
@@ -656,9 +775,29 @@ pub async fn run(
             metrics
                 .cache_objects
                 .set(i64::try_from(objects).unwrap_or(i64::MAX));
-            tokio::select! {
-                _ = tokio::time::sleep(limits.check_interval) => {}
-                _ = store.added.notified() => {}
+            let next_check = tokio::time::Instant::now() + limits.check_interval;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next_check) => break,
+                    _ = store.added.notified() => break,
+                    _ = tokio::time::sleep(GC_POLL) => {}
+                }
+                let s = store.clone();
+                let l = limits.clone();
+                let gc = tokio::task::spawn_blocking(move || {
+                    let target = s.take_gc_request()?;
+                    let answer = s.run_gc(target, &l);
+                    s.answer_gc(&answer);
+                    Some(answer)
+                });
+                if let Ok(Some(Ok((evicted, _)))) = gc.await {
+                    record(&metrics, &evicted);
+                    tracing::info!(
+                        evicted_objects = evicted.objects(),
+                        evicted_bytes = evicted.bytes(),
+                        "cache gc requested by an operator"
+                    );
+                }
             }
         }
     };

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crate::oci::Digest;
 
 pub use access::{Entry, now_ms};
-pub use evict::{Evicted, LimitsConfig, Reason, SizeLimit};
+pub use evict::{Evicted, GcTarget, LimitsConfig, Reason, SizeLimit};
 pub use index::TagRecord;
 pub use ingest::{Ingest, Verified};
 use layout::Layout;

@@ -239,10 +239,37 @@ async fn cache_commands_report_verify_and_collect() {
         String::from_utf8_lossy(&stats.stderr)
     );
     assert!(text.contains("blob: 33.3% (1 hits"), "{text}");
-    // gc needs the mirror stopped: it says so instead of racing it.
-    let busy = regcache(&config, &["cache", "gc", "--target", "0"]);
-    assert!(!busy.status.success());
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("another regcache process"));
+    // gc beside the running mirror: the mirror evicts and reports back.
+    let config_path = config.clone();
+    let online = tokio::task::spawn_blocking(move || {
+        regcache(&config_path, &["cache", "gc", "--target", "0"])
+    })
+    .await
+    .expect("gc ran");
+    let text = String::from_utf8_lossy(&online.stdout);
+    assert!(
+        online.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&online.stderr)
+    );
+    assert!(text.contains("done by the running mirror"), "{text}");
+    assert!(text.contains("evicted 2 objects"), "{text}");
+    assert!(!stored(dir.path(), &good_d) && !stored(dir.path(), &bad_d));
+    assert_eq!(
+        mirror
+            .metric("regcache_evictions_total", &[("reason", "manual")])
+            .await,
+        2.0
+    );
+    // Evicted content is fetched again on demand.
+    assert_eq!(get_blob(&mirror, "team/app", &good_d).await, good);
+    assert_eq!(get_blob(&mirror, "team/app", &bad_d).await, bad);
+    for _ in 0..100 {
+        if stored(dir.path(), &good_d) && stored(dir.path(), &bad_d) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     mirror.stop().await;
 
     let stats = regcache(&config, &["cache", "stats"]);
