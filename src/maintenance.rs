@@ -30,6 +30,13 @@ pub async fn stats(
     .await??;
     let (bytes, objects) = store.usage();
     let mut out = String::new();
+    if objects == 0 && !scan && has_blobs(&config.cache.dir) {
+        let _ = writeln!(
+            out,
+            "note: the access index is empty but blobs/ is not (a cache from before the index, or \
+             a mirror that has not finished its first scan); --scan counts from disk"
+        );
+    }
     let _ = writeln!(out, "cache:    {}", config.cache.dir.display());
     let _ = writeln!(
         out,
@@ -85,6 +92,12 @@ pub async fn stats(
         }
     }
     Ok(out)
+}
+
+fn has_blobs(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir.join("blobs/sha256"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 /// Hits, coalesced requests and misses by kind from a running mirror's metrics.
