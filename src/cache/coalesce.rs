@@ -63,7 +63,8 @@ pub struct Flight {
     pub repo: RepoName,
     digest: Digest,
     state: watch::Receiver<FillState>,
-    file: Arc<File>,
+    /// `None` only when the disk was too full to even create the download's file.
+    file: Option<Arc<File>>,
     readers: AtomicUsize,
 }
 
@@ -90,7 +91,7 @@ impl Flight {
     pub fn verified_file(&self) -> Option<crate::store::BlobFile> {
         match &*self.state.borrow() {
             FillState::Done { size } => Some(crate::store::BlobFile {
-                file: self.file.clone(),
+                file: self.file.clone()?,
                 size: *size,
             }),
             _ => None,
@@ -152,14 +153,33 @@ impl Flights {
         if let Some(flight) = map.get(digest) {
             return Ok((flight.clone(), false));
         }
-        let ingest = params.store.begin_ingest(digest)?;
+        let ingest = match params.store.begin_ingest(digest) {
+            Ok(ingest) => ingest,
+            Err(e) if e.is_disk_full() => {
+                // Not even an empty file fits: the client relays from the upstream on its own.
+                drop(map);
+                params.metrics.disk_full.inc();
+                tracing::warn!(%digest, error = %e, "the cache's disk is full: this blob goes to its client straight from the upstream and is not kept");
+                let (_, rx) = watch::channel(FillState::DiskFull { size: None });
+                let flight = Arc::new(Flight {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    state: rx,
+                    file: None,
+                    readers: AtomicUsize::new(0),
+                });
+                return Ok((flight, true));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (tx, rx) = watch::channel(FillState::Starting);
         let flight = Arc::new(Flight {
             upstream: upstream.clone(),
             repo: repo.clone(),
             digest: digest.clone(),
             state: rx,
-            file: ingest.reader(),
+            file: Some(ingest.reader()),
             readers: AtomicUsize::new(0),
         });
         map.insert(digest.clone(), flight.clone());
@@ -426,7 +446,10 @@ impl GrowingReader {
             }
             if self.pos < readable {
                 let len = (readable - self.pos).min(READ_CHUNK as u64) as usize;
-                let result = read_at(self.flight.file.clone(), self.pos, len).await;
+                let Some(file) = self.flight.file.clone() else {
+                    return Some(Err(std::io::Error::other("the download has no file")));
+                };
+                let result = read_at(file, self.pos, len).await;
                 if let Ok(bytes) = &result {
                     self.pos += bytes.len() as u64;
                     self.metrics
@@ -519,7 +542,11 @@ async fn start_relay(flight: Arc<Flight>, pos: u64) -> std::io::Result<Relay> {
     let mut offset = 0;
     while offset < pos {
         let len = (pos - offset).min(4 * READ_CHUNK as u64) as usize;
-        let bytes = read_at(flight.file.clone(), offset, len).await?;
+        let file = flight
+            .file
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the partial download has no file"))?;
+        let bytes = read_at(file, offset, len).await?;
         if bytes.is_empty() {
             return Err(std::io::Error::other("the partial download was cut short"));
         }

@@ -171,3 +171,49 @@ async fn a_corrupt_blob_relayed_past_a_full_disk_is_never_handed_out_as_complete
     );
     mirror.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_room_for_even_an_empty_file_clients_still_get_whole_blobs() {
+    // Plenty of bytes, few inodes: once they are used up, no download file can be created.
+    let Some(fs) = SmallFs::mount("8m,nr_inodes=64") else {
+        eprintln!(
+            "SKIPPED: mounting a small tmpfs is not permitted here, so a full disk cannot be tested"
+        );
+        return;
+    };
+    let small: Bytes = vec![9u8; 10 * 1024].into();
+    let big: Bytes = (0..1024 * 1024u32)
+        .map(|i| (i % 241) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let (small_d, big_d) = (sha256_digest(&small), sha256_digest(&big));
+    let up = FakeUpstream::builder()
+        .blob("team/app", small.clone())
+        .blob("team/app", big.clone())
+        .start()
+        .await;
+    let mirror = MirrorBuilder::new(&fs.path)
+        .upstream(&up.host(), &up.url())
+        .start()
+        .await;
+    assert_eq!(get_blob(&mirror, "team/app", &small_d).await, small);
+    let filler = fs.path.join("filler");
+    std::fs::create_dir(&filler).expect("a directory for filler files");
+    for n in 0.. {
+        if std::fs::write(filler.join(n.to_string()), b"").is_err() {
+            break;
+        }
+    }
+
+    let response = mirror.get(&format!("/v2/team/app/blobs/{big_d}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(body(response).await == big, "the blob arrives whole");
+    assert_eq!(
+        mirror.metric("regcache_cache_disk_full_total", &[]).await,
+        1.0
+    );
+    assert_eq!(count_files(&fs.path.join("ingest")), 0);
+    assert_eq!(get_blob(&mirror, "team/app", &small_d).await, small);
+    std::fs::remove_dir_all(&filler).expect("room again");
+    mirror.stop().await;
+}
