@@ -65,6 +65,8 @@ pub(super) struct Inner {
     journal: Option<File>,
     journal_records: usize,
     touched: HashSet<Digest>,
+    /// Records appended since the last fsync.
+    unsynced: bool,
 }
 
 impl AccessIndex {
@@ -80,6 +82,7 @@ impl AccessIndex {
             journal: None,
             journal_records: 0,
             touched: HashSet::new(),
+            unsynced: false,
         };
         match File::open(dir.join(SNAPSHOT)) {
             Ok(file) => {
@@ -143,8 +146,11 @@ impl AccessIndex {
             }
         }
         inner.append(&buf)?;
-        if let Some(journal) = &inner.journal {
+        if inner.unsynced
+            && let Some(journal) = &inner.journal
+        {
             journal.sync_data()?;
+            inner.unsynced = false;
         }
         if self.owner
             && inner.journal_records > COMPACT_AFTER
@@ -253,6 +259,7 @@ impl Inner {
             return Ok(());
         }
         if let Some(journal) = &mut self.journal {
+            self.unsynced = true;
             journal.write_all(records.as_bytes())?;
             self.journal_records += records.matches('\n').count();
         }

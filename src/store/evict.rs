@@ -274,6 +274,8 @@ pub enum GcTarget {
 
 const GC_REQUEST: &str = "gc.request";
 const GC_RESULT: &str = "gc.result";
+/// Least time between two eviction passes woken by stored content.
+const MIN_PASS_GAP: Duration = Duration::from_millis(250);
 /// How often a serving mirror looks for a `cache gc` request.
 const GC_POLL: Duration = Duration::from_secs(1);
 
@@ -776,6 +778,8 @@ pub async fn run(
                 .cache_objects
                 .set(i64::try_from(objects).unwrap_or(i64::MAX));
             let next_check = tokio::time::Instant::now() + limits.check_interval;
+            // A burst of stored blobs wakes one pass, not one each.
+            tokio::time::sleep(MIN_PASS_GAP.min(limits.check_interval)).await;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next_check) => break,
@@ -860,15 +864,17 @@ mod tests {
             digests.push(put(&store, n, 100).await);
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
-        // 0 is read again (now the most recent), 1 is pinned, 2 is open by a reader.
-        drop(store.open_blob(&digests[0]).await.expect("open"));
+        // 1 is pinned, 2 is open by a reader (which made it recent), 0 is read again last.
         store.pin(&digests[1]).expect("pin");
         let reader = store
             .open_blob(&digests[2])
             .await
             .expect("open")
             .expect("stored");
-        // 500 bytes against a 250-byte limit: down to 80% (200 bytes).
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        drop(store.open_blob(&digests[0]).await.expect("open"));
+        // 500 bytes against a 250-byte limit: down to 80% (200 bytes). In LRU order: 1 (pinned,
+        // kept), 3 and 4 (evicted), 2 (open, kept), 0 (evicted: still above 200 bytes).
         let evicted = store.enforce(&limits(250)).expect("enforce");
         assert_eq!(evicted.by_reason.get(&Reason::Size), Some(&(3, 300)));
         assert_eq!(evicted.skipped, 2);
@@ -946,10 +952,10 @@ mod tests {
         assert!(store.entry(&a).is_none(), "the older docker.io blob goes");
         assert!(store.entry(&c).is_some(), "other upstreams' content stays");
 
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         drop(store.open_blob(&c).await.expect("read"));
         let age = LimitsConfig {
-            max_unused_age: Some(Duration::from_millis(10)),
+            max_unused_age: Some(Duration::from_millis(200)),
             ..LimitsConfig::default()
         };
         let evicted = store.enforce(&age).expect("enforce");

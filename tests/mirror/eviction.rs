@@ -32,6 +32,17 @@ fn stored(cache: &Path, digest: &str) -> bool {
         .is_file()
 }
 
+/// Waits (bounded) until the blob is in the store.
+async fn wait_stored(cache: &Path, digest: &str) {
+    for _ in 0..200 {
+        if stored(cache, digest) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{digest} was not stored in time");
+}
+
 /// Waits (bounded) until `check` holds on the mirror's metrics.
 async fn wait_metrics(mirror: &Mirror, what: &str, check: impl Fn(&str) -> bool) {
     for _ in 0..200 {
@@ -160,6 +171,9 @@ async fn the_least_recently_read_blob_goes_first_after_a_restart() {
     let mirror = unbounded.start().await;
     for (i, digest) in d.iter().enumerate() {
         assert_eq!(get_blob(&mirror, "team/app", digest).await, blobs[i]);
+        // The last byte reaches the client a moment before the file is stored: wait for it,
+        // so each blob's store time is distinct and before the next read.
+        wait_stored(dir.path(), digest).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Reading the oldest again makes the second the least recently used.
