@@ -34,7 +34,8 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
+        // Lazy: a mirror task still stopping may hold files open.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 
