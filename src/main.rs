@@ -54,7 +54,8 @@ enum CacheCommand {
     /// Evict least recently used content now (pinned content stays).
     Gc {
         /// Size to evict down to: bytes (10GiB) or a share of the filesystem (50%). Without
-        /// it, the configured cache.limits are applied once. Needs the mirror stopped.
+        /// it, the configured cache.limits are applied once. With the mirror running, the mirror
+        /// does it and this prints its report.
         #[arg(long)]
         target: Option<String>,
     },
