@@ -73,6 +73,8 @@ pub struct CacheConfig {
     /// How long a download keeps filling the cache after every client waiting on it has gone.
     #[serde(with = "humantime_serde")]
     pub fill_timeout: Duration,
+    /// Size limit, watermarks, per-upstream quotas and maximum unused age (all off by default).
+    pub limits: crate::store::LimitsConfig,
 }
 
 #[derive(Clone, Deserialize, PartialEq)]
@@ -212,6 +214,7 @@ impl Default for CacheConfig {
             tag_ttl: Duration::from_secs(300),
             max_manifest_size: ByteSize::mib(8),
             fill_timeout: Duration::from_secs(600),
+            limits: crate::store::LimitsConfig::default(),
         }
     }
 }
@@ -349,6 +352,11 @@ impl Config {
                 ),
             ));
         }
+        let hosts: Vec<RegistryHost> = names.iter().cloned().collect();
+        self.cache
+            .limits
+            .validate(&hosts)
+            .map_err(|(k, reason)| invalid(format!("cache.limits.{k}"), reason))?;
         if self.upstream_client.attempts == 0 {
             return Err(invalid("upstream_client.attempts", "must be at least 1"));
         }
@@ -483,6 +491,28 @@ upstreams:
                 .contains("credentials.kubernetes")
         );
         assert!(refused("credentials: {kubernets: {}}").contains("kubernets"));
+        let watermarks = "cache: {limits: {high_watermark: 50%, low_watermark: 60%}}";
+        assert!(refused(watermarks).contains("cache.limits.low_watermark"));
+        let quota = "cache: {limits: {upstream_quotas: {quay.io: 1GiB}}}";
+        assert!(refused(quota).contains("cache.limits.upstream_quotas"));
+        assert!(refused("cache: {limits: {max_size: 120%}}").contains("cache.limits.max_size"));
+        assert!(refused("cache: {limits: {max_size: lots}}").contains("lots"));
+    }
+
+    #[test]
+    fn limits_take_sizes_shares_and_ages() {
+        use crate::store::SizeLimit;
+        let c = Config::from_yaml(
+            "cache: {limits: {max_size: 50GiB, upstream_quotas: {docker.io: 20GiB}, max_unused_age: 30days}}",
+        )
+        .expect("valid");
+        assert_eq!(c.cache.limits.max_size, Some(SizeLimit::Bytes(50 << 30)));
+        assert_eq!(
+            c.cache.limits.max_unused_age,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        let c = Config::from_yaml("cache: {limits: {max_size: 80%}}").expect("valid");
+        assert_eq!(c.cache.limits.max_size, Some(SizeLimit::Share(80.0)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `credentials`: which upstream credential applies to a request, from mounted secrets.
 //! - `oci`: the spec's types, no IO.
+//! - `maintenance`: the `regcache cache` commands (stats, verify, gc) over `store`.
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 //! - `nodeconfig`: `regcache node-config`, runtime config files pointing nodes at the mirror.
 
@@ -15,6 +16,7 @@ pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod nodeconfig;
 pub mod oci;
@@ -96,6 +98,15 @@ pub async fn serve(
         metrics.clone(),
     )?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
+    let (stop_maintenance, maintenance_stopped) = tokio::sync::oneshot::channel::<()>();
+    let maintenance = tokio::spawn(store::evict::run(
+        store.clone(),
+        config.cache.limits.clone(),
+        metrics.clone(),
+        async move {
+            let _ = maintenance_stopped.await;
+        },
+    ));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let mut app = http::App::new(cache, metrics);
     if config.credentials.admin_endpoint {
@@ -122,6 +133,8 @@ pub async fn serve(
     if let Some(watches) = api_watches {
         watches.abort();
     }
+    let _ = stop_maintenance.send(());
+    let _ = maintenance.await;
     Ok(())
 }
 
@@ -132,9 +145,10 @@ pub async fn serve(
 pub async fn open_cache(config: &config::Config) -> Result<cache::Cache, Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let dir = config.cache.dir.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open_alongside(&dir))
-        .await
-        .map_err(store::Error::Task)??;
+    let store =
+        tokio::task::spawn_blocking(move || store::Store::open_with(&dir, store::Access::Shared))
+            .await
+            .map_err(store::Error::Task)??;
     // Credentials from mounted Secrets (files) apply here as in the server; the Kubernetes API
     // source is the server's only.
     let credentials = Arc::new(credentials::Credentials::new(

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     /// Downloads from upstreams in progress.
     pub fetches_in_flight: IntGauge,
+    /// Objects and bytes evicted, by reason (`size`, `quota`, `age`, `manual`).
+    pub evictions: IntCounterVec,
+    pub evicted_bytes: IntCounterVec,
+    /// Downloads that could not be kept because the cache's disk was full.
+    pub disk_full: IntCounter,
     /// Bytes and objects in the cache.
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
@@ -155,6 +160,27 @@ impl Metrics {
                 "regcache_upstream_fetches_in_flight",
                 "Blob downloads from upstreams in progress",
             ),
+            evictions: counter(
+                "regcache_evictions_total",
+                "Blobs and manifests evicted from the cache, by reason (size, quota, age, manual)",
+                &["reason"],
+            ),
+            evicted_bytes: counter(
+                "regcache_evicted_bytes_total",
+                "Bytes evicted from the cache, by reason (size, quota, age, manual)",
+                &["reason"],
+            ),
+            disk_full: {
+                let c = IntCounter::new(
+                    "regcache_cache_disk_full_total",
+                    "Downloads streamed to clients but not kept because the cache's disk was full",
+                )
+                .expect("metric definitions are static");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("each metric is registered once");
+                c
+            },
             cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
             cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
             credentials_reloads: plain_counter(
@@ -177,6 +203,10 @@ impl Metrics {
             self.cache_hits.with_label_values(&[kind]);
             self.cache_misses.with_label_values(&[kind]);
             self.cache_coalesced.with_label_values(&[kind]);
+        }
+        for reason in crate::store::Reason::ALL {
+            self.evictions.with_label_values(&[reason.as_str()]);
+            self.evicted_bytes.with_label_values(&[reason.as_str()]);
         }
         for source in ["cache", "upstream"] {
             self.served_bytes.with_label_values(&[source]);

@@ -21,6 +21,10 @@ mod coalesce;
 mod credentials;
 #[path = "mirror/cross_repo.rs"]
 mod cross_repo;
+#[path = "mirror/disk_full.rs"]
+mod disk_full;
+#[path = "mirror/eviction.rs"]
+mod eviction;
 #[path = "mirror/kubernetes.rs"]
 mod kubernetes;
 #[path = "mirror/lifecycle.rs"]

@@ -7,6 +7,12 @@
 //! unknown size, never ends the body) before the fill has verified the digest. A mismatch or a
 //! broken upstream ends every reader's body with an error, so no client ever takes a wrong blob
 //! for a complete one.
+//!
+//! A full disk is not a failed download: when a write fails with ENOSPC, nothing of the blob is
+//! kept (the temporary file is removed) and every reader carries on straight from the upstream
+//! (`FillState::DiskFull`): it hashes what it already sent from the partial file, asks the
+//! upstream for the rest with a `Range` request, and still holds back its last chunk until the
+//! digest checks out.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,13 +51,20 @@ pub enum FillState {
         size: u64,
     },
     Failed(Arc<Error>),
+    /// The disk filled up after `0..written` bytes: nothing is kept, readers fetch the rest
+    /// from the upstream themselves.
+    DiskFull {
+        size: Option<u64>,
+    },
 }
 
 pub struct Flight {
     pub upstream: Arc<Upstream>,
     pub repo: RepoName,
+    digest: Digest,
     state: watch::Receiver<FillState>,
-    file: Arc<File>,
+    /// `None` only when the disk was too full to even create the download's file.
+    file: Option<Arc<File>>,
     readers: AtomicUsize,
 }
 
@@ -64,6 +77,7 @@ impl Flight {
                 FillState::Starting => {}
                 FillState::Filling { size, .. } => return Ok(*size),
                 FillState::Done { size } => return Ok(Some(*size)),
+                FillState::DiskFull { size } => return Ok(*size),
                 FillState::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {
@@ -77,7 +91,7 @@ impl Flight {
     pub fn verified_file(&self) -> Option<crate::store::BlobFile> {
         match &*self.state.borrow() {
             FillState::Done { size } => Some(crate::store::BlobFile {
-                file: self.file.clone(),
+                file: self.file.clone()?,
                 size: *size,
             }),
             _ => None,
@@ -92,6 +106,7 @@ impl Flight {
             state: self.state.clone(),
             pos: 0,
             metrics,
+            relay: None,
         }
     }
 }
@@ -138,13 +153,33 @@ impl Flights {
         if let Some(flight) = map.get(digest) {
             return Ok((flight.clone(), false));
         }
-        let ingest = params.store.begin_ingest(digest)?;
+        let ingest = match params.store.begin_ingest(digest) {
+            Ok(ingest) => ingest,
+            Err(e) if e.is_disk_full() => {
+                // Not even an empty file fits: the client relays from the upstream on its own.
+                drop(map);
+                params.metrics.disk_full.inc();
+                tracing::warn!(%digest, error = %e, "the cache's disk is full: this blob goes to its client straight from the upstream and is not kept");
+                let (_, rx) = watch::channel(FillState::DiskFull { size: None });
+                let flight = Arc::new(Flight {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    state: rx,
+                    file: None,
+                    readers: AtomicUsize::new(0),
+                });
+                return Ok((flight, true));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (tx, rx) = watch::channel(FillState::Starting);
         let flight = Arc::new(Flight {
             upstream: upstream.clone(),
             repo: repo.clone(),
+            digest: digest.clone(),
             state: rx,
-            file: ingest.reader(),
+            file: Some(ingest.reader()),
             readers: AtomicUsize::new(0),
         });
         map.insert(digest.clone(), flight.clone());
@@ -202,6 +237,16 @@ impl Fill {
                     Err(e) => tracing::error!(error = %e, "a verified blob could not be stored"),
                 }
                 self.leave();
+            }
+            Err(Error::Store(e)) if e.is_disk_full() => {
+                self.leave();
+                self.metrics.disk_full.inc();
+                let size = match &*self.tx.borrow() {
+                    FillState::Filling { size, .. } => *size,
+                    _ => None,
+                };
+                tracing::warn!(error = %e, "the cache's disk is full: this blob goes to its clients straight from the upstream and is not kept");
+                self.tx.send_replace(FillState::DiskFull { size });
             }
             Err(e) => {
                 // Leave before announcing the failure, so a retry starts a new download
@@ -355,6 +400,20 @@ pub struct GrowingReader {
     state: watch::Receiver<FillState>,
     pos: u64,
     metrics: Arc<Metrics>,
+    /// Set once the disk filled up: the rest of the blob, straight from the upstream.
+    relay: Option<Box<Relay>>,
+}
+
+struct Relay {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    hasher: crate::oci::DigestHasher,
+    /// The latest chunk, sent only once the next one (or the verified end) arrives.
+    held: Option<Bytes>,
+    /// Bytes hashed so far, from the start of the blob.
+    hashed: u64,
+    ended: bool,
+    /// Why the body failed; every later read fails the same way, so it never looks complete.
+    broken: Option<&'static str>,
 }
 
 impl Drop for GrowingReader {
@@ -377,6 +436,15 @@ impl GrowingReader {
                     return Ok(*size);
                 }
                 FillState::Failed(e) => return Err(Error::Fill(e.clone())),
+                // Nothing can be kept while the disk is full: what waits for the stored blob
+                // (seeding) fails instead of relaying it.
+                FillState::DiskFull { .. } => {
+                    return Err(Error::Store(crate::store::Error::Io {
+                        op: "store (the cache's disk is full)",
+                        path: self.flight.digest.to_string().into(),
+                        source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+                    }));
+                }
             }
             if self.state.changed().await.is_err() {
                 return Err(Error::FillAbandoned);
@@ -386,8 +454,9 @@ impl GrowingReader {
 
     /// The next chunk, `None` at the verified end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
-        let region = match self.next_region(READ_CHUNK as u64).await? {
-            Ok(region) => region,
+        let region = match self.next_piece(READ_CHUNK as u64).await? {
+            Ok(Piece::File(region)) => region,
+            Ok(Piece::Bytes(bytes)) => return Some(Ok(bytes)),
             Err(e) => return Some(Err(e)),
         };
         let len = region.len();
@@ -403,10 +472,11 @@ impl GrowingReader {
         Some(result)
     }
 
-    /// The next byte range that may be handed out (at most `max` bytes), `None` at the verified
-    /// end, or an error if the fill failed. The range counts as served: the caller sends it whole
-    /// or ends the client's connection.
-    pub async fn next_region(&mut self, max: u64) -> Option<std::io::Result<Region>> {
+    /// What may be handed out next: a range of the download's file (at most `max` bytes), or,
+    /// once the disk filled up, bytes relayed from the upstream. `None` at the verified end, an
+    /// error if the fill failed. It counts as served: the caller sends it whole or ends the
+    /// client's connection.
+    pub async fn next_piece(&mut self, max: u64) -> Option<std::io::Result<Piece>> {
         loop {
             let (readable, done_size) = match &*self.state.borrow_and_update() {
                 FillState::Starting => (0, None),
@@ -416,8 +486,20 @@ impl GrowingReader {
                 }
                 FillState::Done { size } => (*size, Some(*size)),
                 FillState::Failed(e) => return Some(Err(std::io::Error::other(e.to_string()))),
+                // Checked below, once the borrow of the state is released.
+                FillState::DiskFull { .. } => (0, None),
             };
+            let disk_full = match &*self.state.borrow() {
+                FillState::DiskFull { size } => Some(*size),
+                _ => None,
+            };
+            if let Some(size) = disk_full {
+                return self.relay_next(size).await.map(|r| r.map(Piece::Bytes));
+            }
             if self.pos < readable {
+                let Some(file) = self.flight.file.clone() else {
+                    return Some(Err(std::io::Error::other("the download has no file")));
+                };
                 let start = self.pos;
                 let end = readable.min(start.saturating_add(max.max(1)));
                 self.pos = end;
@@ -425,11 +507,7 @@ impl GrowingReader {
                     .served_bytes
                     .with_label_values(&["upstream"])
                     .inc_by(end - start);
-                return Some(Ok(Region {
-                    file: self.flight.file.clone(),
-                    start,
-                    end,
-                }));
+                return Some(Ok(Piece::File(Region { file, start, end })));
             }
             if done_size.is_some() {
                 return None;
@@ -439,6 +517,14 @@ impl GrowingReader {
             }
         }
     }
+}
+
+/// The next part of a download for a client.
+pub enum Piece {
+    /// Already written to the download's file.
+    File(Region),
+    /// Relayed from the upstream because the disk is full.
+    Bytes(Bytes),
 }
 
 /// Bytes `start..end` of a blob's file (stored, or downloading and already written).
@@ -457,6 +543,105 @@ impl Region {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+impl GrowingReader {
+    /// The next chunk once the disk filled up: what was not yet sent comes from the upstream,
+    /// and the whole blob is still checked against its digest before its last chunk goes out.
+    async fn relay_next(&mut self, size: Option<u64>) -> Option<std::io::Result<Bytes>> {
+        if self.relay.is_none() {
+            match start_relay(self.flight.clone(), self.pos).await {
+                Ok(relay) => self.relay = Some(Box::new(relay)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let relay = self.relay.as_mut().expect("set just above");
+        if let Some(reason) = relay.broken {
+            return Some(Err(std::io::Error::other(reason)));
+        }
+        while !relay.ended {
+            match relay.body.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => {}
+                Some(Ok(chunk)) => {
+                    relay.hasher.update(&chunk);
+                    relay.hashed += chunk.len() as u64;
+                    if let Some(previous) = relay.held.replace(chunk) {
+                        return Some(Ok(self.sent(previous)));
+                    }
+                }
+                Some(Err(e)) => {
+                    relay.ended = true;
+                    relay.held = None;
+                    relay.broken = Some("the upstream body broke off");
+                    return Some(Err(std::io::Error::other(format!(
+                        "the upstream body broke off: {e}"
+                    ))));
+                }
+                None => {
+                    relay.ended = true;
+                    let hasher = std::mem::replace(
+                        &mut relay.hasher,
+                        crate::oci::DigestHasher::new(self.flight.digest.algorithm()),
+                    );
+                    let actual = hasher.finish();
+                    if actual != self.flight.digest || size.is_some_and(|s| s != relay.hashed) {
+                        relay.held = None;
+                        let reason = "the upstream sent a blob that does not match its digest";
+                        relay.broken = Some(reason);
+                        self.metrics
+                            .digest_mismatches
+                            .with_label_values(&[self.flight.upstream.name().as_str()])
+                            .inc();
+                        return Some(Err(std::io::Error::other(reason)));
+                    }
+                }
+            }
+        }
+        let last = relay.held.take()?;
+        Some(Ok(self.sent(last)))
+    }
+
+    fn sent(&mut self, chunk: Bytes) -> Bytes {
+        self.pos += chunk.len() as u64;
+        self.metrics
+            .served_bytes
+            .with_label_values(&["upstream"])
+            .inc_by(chunk.len() as u64);
+        chunk
+    }
+}
+
+/// Hashes the bytes already sent (still readable through the unlinked partial file) and
+/// asks the upstream for the rest.
+async fn start_relay(flight: Arc<Flight>, pos: u64) -> std::io::Result<Relay> {
+    let mut hasher = crate::oci::DigestHasher::new(flight.digest.algorithm());
+    let mut offset = 0;
+    while offset < pos {
+        let len = (pos - offset).min(4 * READ_CHUNK as u64) as usize;
+        let file = flight
+            .file
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the partial download has no file"))?;
+        let bytes = read_at(file, offset, len).await?;
+        if bytes.is_empty() {
+            return Err(std::io::Error::other("the partial download was cut short"));
+        }
+        hasher.update(&bytes);
+        offset += bytes.len() as u64;
+    }
+    let resp = flight
+        .upstream
+        .blob(&flight.repo, &flight.digest, pos)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Relay {
+        body: resp.bytes_stream().boxed(),
+        hasher,
+        held: None,
+        hashed: pos,
+        ended: false,
+        broken: None,
+    })
 }
 
 /// Reads `len` bytes at `offset` on a blocking thread (a short read only at end of file).

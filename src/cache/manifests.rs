@@ -105,6 +105,8 @@ impl Cache {
     /// immutable, and clients ask for the same few over and over.
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>, Error> {
         if let Some(hit) = self.recent_manifests.get(digest).await {
+            // Keeps its place in the eviction order like a disk hit.
+            self.store.touch(digest);
             return Ok(Some(hit));
         }
         let stored = self.store.get_manifest(digest).await?;
@@ -331,8 +333,14 @@ impl Cache {
                 media_type: manifest.media_type.clone(),
                 size: manifest.size,
             };
-            self.store.put_tag(upstream.name(), repo, tag, &rec).await?;
-            self.mark_fresh(upstream, repo, tag, rec).await;
+            match self.store.put_tag(upstream.name(), repo, tag, &rec).await {
+                Ok(()) => self.mark_fresh(upstream, repo, tag, rec).await,
+                // The manifest is served; the tag is simply fetched again next time.
+                Err(e) if e.is_disk_full() => {
+                    tracing::warn!(%repo, %tag, error = %e, "the cache's disk is full: tag not recorded")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(manifest)
     }
@@ -386,12 +394,16 @@ impl Cache {
             Some(m) if !m.is_empty() => m,
             _ => media_type_of(&body).ok_or_else(|| invalid("manifest without a media type"))?,
         };
-        self.store
-            .put_manifest(&digest, &media_type, body.clone())
-            .await?;
-        self.store.link(upstream.name(), repo, &digest).await?;
-        for child in referenced_digests(&body) {
-            self.store.link(upstream.name(), repo, &child).await?;
+        if let Err(e) = self
+            .keep_manifest(upstream, repo, &digest, &media_type, &body)
+            .await
+        {
+            if !e.is_disk_full() {
+                return Err(e.into());
+            }
+            // Verified bytes in hand: the client gets them even though they cannot be kept.
+            self.metrics.disk_full.inc();
+            tracing::warn!(upstream = %upstream.name(), %repo, %digest, error = %e, "the cache's disk is full: manifest served but not kept");
         }
         Ok(Manifest {
             media_type,
@@ -400,6 +412,27 @@ impl Cache {
             body: Some(body),
             outcome: Outcome::Miss,
         })
+    }
+}
+
+impl Cache {
+    /// Stores a verified manifest and links it and everything it references to `repo`.
+    async fn keep_manifest(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        body: &Bytes,
+    ) -> Result<(), crate::store::Error> {
+        self.store
+            .put_manifest(digest, media_type, body.clone())
+            .await?;
+        self.store.link(upstream.name(), repo, digest).await?;
+        for child in referenced_digests(body) {
+            self.store.link(upstream.name(), repo, &child).await?;
+        }
+        Ok(())
     }
 }
 

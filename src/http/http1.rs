@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{Body, FileRegion, GrowingFile};
 use super::{App, ConnInfo};
-use crate::cache::coalesce::GrowingReader;
+use crate::cache::coalesce::{GrowingReader, Piece};
 
 /// Largest request head accepted (request line and headers); larger gets 431.
 const MAX_HEAD: usize = 64 * 1024;
@@ -345,19 +345,24 @@ async fn write_response(
             out.clear();
             let chunked = length.is_none();
             let mut sent = 0u64;
-            while let Some(region) = reader.next_region(MAX_SENDFILE).await {
+            while let Some(piece) = reader.next_piece(MAX_SENDFILE).await {
                 // A failed download ends the connection without a clean end of body.
-                let region = region?;
+                let piece = piece?;
+                let len = match &piece {
+                    Piece::File(region) => region.len(),
+                    Piece::Bytes(bytes) => bytes.len() as u64,
+                };
                 if chunked {
-                    stream
-                        .write_all(format!("{:x}\r\n", region.len()).as_bytes())
-                        .await?;
+                    stream.write_all(format!("{len:x}\r\n").as_bytes()).await?;
                 }
-                send_file(stream, &region, app, "").await?;
+                match &piece {
+                    Piece::File(region) => send_file(stream, region, app, "").await?,
+                    Piece::Bytes(bytes) => stream.write_all(bytes).await?,
+                }
                 if chunked {
                     stream.write_all(b"\r\n").await?;
                 }
-                sent += region.len();
+                sent += len;
             }
             if chunked {
                 stream.write_all(b"0\r\n\r\n").await?;

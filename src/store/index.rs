@@ -24,6 +24,7 @@ impl Store {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<()> {
+        self.index.lock().add_upstream(digest, upstream);
         let path = self.layout.link(upstream, repo, digest);
         tokio::task::spawn_blocking(move || {
             let parent = path.parent().expect("link paths have a parent");

@@ -152,7 +152,10 @@ impl Verified {
         })
         .await??;
         self.ingest.committed = true;
-        self.ingest.store.added(self.ingest.written);
+        let ingest = &self.ingest;
+        ingest
+            .store
+            .added(&ingest.digest, ingest.written, Some(&ingest.reader));
         Ok(())
     }
 }

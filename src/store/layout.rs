@@ -8,7 +8,11 @@
 //!   ingest/<random>.part                  downloads in progress; removed at start-up
 //!   repos/<upstream>/<repo>/_links/<alg>/<hex>   empty: <repo> on <upstream> references <digest>
 //!   repos/<upstream>/<repo>/_tags/<tag>          JSON: the digest and media type <tag> resolved to
-//!   pins/<alg>/<hex>                     empty: <digest> is pinned, never evicted (`pins`)
+//!   pins/<alg>/<hex>                      empty: <digest> is never evicted
+//!   index/access.snapshot                 access index: size, last access, upstreams per blob
+//!   index/access.journal                  appended changes since the snapshot
+//!   index/lock                            held (flock) by the process that owns the index
+//!   quarantine/<alg>/<hex>                blobs `cache verify` found corrupt; never served
 //! ```
 //! Repository names cannot start with `_` (spec grammar), so `_links` and `_tags` never collide
 //! with a repository path component.
@@ -45,6 +49,27 @@ impl Layout {
         sharded(&self.root.join("manifests"), digest)
     }
 
+    /// Empty marker: `digest` is pinned (never evicted).
+    pub fn pin(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("pins")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    /// Blobs `cache verify` found corrupt, kept for inspection, never served.
+    pub fn quarantine(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("quarantine")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    /// The access index: snapshot, journal and the lock a running mirror holds.
+    pub fn index_dir(&self) -> PathBuf {
+        self.root.join("index")
+    }
+
     pub fn ingest_dir(&self) -> PathBuf {
         self.root.join("ingest")
     }
@@ -63,7 +88,7 @@ impl Layout {
     }
 
     pub fn tag(&self, upstream: &RegistryHost, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.tags_dir(upstream, repo).join(tag.as_str())
+        self.repo(upstream, repo).join("_tags").join(tag.as_str())
     }
 
     pub fn tags_dir(&self, upstream: &RegistryHost, repo: &RepoName) -> PathBuf {

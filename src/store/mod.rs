@@ -6,21 +6,25 @@
 //! digest were checked (`Ingest::commit`, `Store::put_manifest`). Nothing opens a final path for
 //! writing.
 
+mod access;
+pub mod evict;
 mod index;
 mod ingest;
 pub mod layout;
 mod pins;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
 use crate::oci::Digest;
 
+pub use access::{Entry, now_ms};
+pub use evict::{Evicted, GcTarget, LimitsConfig, Reason, SizeLimit};
 pub use index::TagRecord;
 pub use ingest::{Ingest, Verified};
 use layout::Layout;
@@ -40,6 +44,10 @@ pub enum Error {
     SizeMismatch { expected: u64, actual: u64 },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "another regcache process is using the cache directory {0} (stop the mirror first, or wait for it to exit)"
+    )]
+    Busy(PathBuf),
 }
 
 impl Error {
@@ -49,6 +57,11 @@ impl Error {
             path: path.to_owned(),
             source,
         }
+    }
+
+    /// The disk (or the quota of the cache's filesystem) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
     }
 }
 
@@ -60,113 +73,166 @@ pub struct BlobFile {
     pub size: u64,
 }
 
-/// What the store holds, for the size gauges.
-#[derive(Default)]
-struct Usage {
-    bytes: AtomicU64,
-    objects: AtomicU64,
+/// How `Store::open_with` treats another process holding the cache directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The mirror: owns the index; waits a few seconds for a previous instance to let go.
+    Serve,
+    /// `cache gc`/`verify`: owns the index; refuses at once while a mirror runs.
+    Exclusive,
+    /// `cache stats`: reads the index without writing anything, beside a running mirror.
+    ReadOnly,
+    /// A command adding content or pins beside a running mirror (seeding): no lock, no sweep of
+    /// `ingest/` (the mirror's downloads live there), journal appends but no compaction. The
+    /// mirror's periodic scan picks up what it stored.
+    Shared,
 }
 
 #[derive(Clone)]
 pub struct Store {
     layout: Layout,
-    usage: Arc<Usage>,
+    index: Arc<access::AccessIndex>,
+    /// Open handles of stored blobs, shared by concurrent readers; a live one means the blob is
+    /// being read and is not evicted.
+    open: Arc<Mutex<HashMap<Digest, Weak<File>>>>,
+    /// Wakes the eviction task when content was added.
+    added: Arc<tokio::sync::Notify>,
+    read_only: bool,
+    _lock: Option<Arc<File>>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, removes ingest files a crash or kill left
-    /// behind, and counts what is stored.
+    /// Opens (creating if needed) the store at `root` for serving, removes ingest files a
+    /// crash or kill left behind, and loads the access index.
     pub fn open(root: &Path) -> Result<Store> {
-        let layout = Layout::new(root);
-        let ingest = layout.ingest_dir();
-        for dir in [layout.blobs_dir(), ingest.clone()] {
-            std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-        }
-        let entries = std::fs::read_dir(&ingest).map_err(Error::io("list", &ingest))?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(Error::io("remove leftover ingest file", &path))?;
-            tracing::info!(path = %path.display(), "removed a partial download left by an earlier run");
-        }
-        let store = Store {
-            layout,
-            usage: Arc::default(),
-        };
-        store.count_usage();
-        Ok(store)
+        Store::open_with(root, Access::Serve)
     }
 
-    /// Opens (creating if needed) the store at `root` without sweeping `ingest/`: for the
-    /// command-line workflows (seed, import), which may run while a `regcache serve` uses the
-    /// same directory and must not remove its downloads in progress. Whatever they leave there
-    /// after a crash is swept at the next `open`.
-    pub fn open_alongside(root: &Path) -> Result<Store> {
+    pub fn open_with(root: &Path, access: Access) -> Result<Store> {
         let layout = Layout::new(root);
-        for dir in [layout.blobs_dir(), layout.ingest_dir()] {
-            std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        let read_only = access == Access::ReadOnly;
+        let owner = matches!(access, Access::Serve | Access::Exclusive);
+        if !read_only {
+            for dir in [layout.blobs_dir(), layout.ingest_dir(), layout.index_dir()] {
+                std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+            }
         }
-        let store = Store {
-            layout,
-            usage: Arc::default(),
+        let lock = if owner {
+            Some(Arc::new(take_lock(&layout, access)?))
+        } else {
+            None
         };
-        store.count_usage();
-        Ok(store)
+        if owner {
+            let ingest = layout.ingest_dir();
+            let entries = std::fs::read_dir(&ingest).map_err(Error::io("list", &ingest))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                std::fs::remove_file(&path)
+                    .map_err(Error::io("remove leftover ingest file", &path))?;
+                tracing::info!(path = %path.display(), "removed a partial download left by an earlier run");
+            }
+        }
+        let index_dir = layout.index_dir();
+        let index = access::AccessIndex::load(&index_dir, !read_only, owner)
+            .map_err(Error::io("load the access index in", &index_dir))?;
+        Ok(Store {
+            layout,
+            index: Arc::new(index),
+            open: Arc::default(),
+            added: Arc::default(),
+            read_only,
+            _lock: lock,
+        })
     }
 
     pub fn root(&self) -> &Path {
         self.layout.root()
     }
 
-    /// Bytes and objects under `blobs/`.
+    /// Bytes and objects the access index counts (blobs and manifests).
     pub fn usage(&self) -> (u64, u64) {
-        (
-            self.usage.bytes.load(Ordering::Relaxed),
-            self.usage.objects.load(Ordering::Relaxed),
-        )
+        self.index.lock().usage()
     }
 
-    fn count_usage(&self) {
-        fn walk(dir: &Path, bytes: &mut u64, objects: &mut u64) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                match entry.file_type() {
-                    Ok(t) if t.is_dir() => walk(&entry.path(), bytes, objects),
-                    Ok(t) if t.is_file() => {
-                        *objects += 1;
-                        *bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    }
-                    _ => {}
-                }
-            }
+    /// Writes batched access times to the journal (and compacts it when large).
+    pub fn flush_index(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
         }
-        let (mut bytes, mut objects) = (0, 0);
-        walk(&self.layout.blobs_dir(), &mut bytes, &mut objects);
-        self.usage.bytes.store(bytes, Ordering::Relaxed);
-        self.usage.objects.store(objects, Ordering::Relaxed);
+        let dir = self.layout.index_dir();
+        self.index
+            .flush()
+            .map_err(Error::io("write the access journal in", &dir))
     }
 
-    fn added(&self, size: u64) {
-        self.usage.bytes.fetch_add(size, Ordering::Relaxed);
-        self.usage.objects.fetch_add(1, Ordering::Relaxed);
+    /// Notes a hit on `digest` (e.g. a manifest served from memory), for eviction order.
+    pub fn touch(&self, digest: &Digest) {
+        self.index.lock().touch(digest, now_ms());
+    }
+
+    /// Records newly stored content; the caller has just renamed it into `blobs/`.
+    fn added(&self, digest: &Digest, size: u64, handle: Option<&Arc<File>>) {
+        let mut index = self.index.lock();
+        index.insert(digest, size, now_ms());
+        if let Some(handle) = handle {
+            self.open
+                .lock()
+                .expect("open-handle map lock is never poisoned")
+                .insert(digest.clone(), Arc::downgrade(handle));
+        }
+        drop(index);
+        self.added.notify_one();
+    }
+
+    /// Whether a reader or the download that stored it still holds `digest` open.
+    fn is_open(&self, digest: &Digest) -> bool {
+        self.open
+            .lock()
+            .expect("open-handle map lock is never poisoned")
+            .get(digest)
+            .is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Opens a verified blob, or `None` when it is not stored.
     pub async fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>> {
+        let shared = self
+            .open
+            .lock()
+            .expect("open-handle map lock is never poisoned")
+            .get(digest)
+            .and_then(Weak::upgrade);
         let path = self.layout.blob(digest);
-        tokio::task::spawn_blocking(move || match File::open(&path) {
-            Ok(file) => {
-                let size = file.metadata().map_err(Error::io("stat", &path))?.len();
-                Ok(Some(BlobFile {
-                    file: Arc::new(file),
-                    size,
-                }))
+        let file = match shared {
+            // Another reader has it open: share the handle (positional reads do not interfere).
+            Some(file) => file,
+            None => {
+                let opened = tokio::task::spawn_blocking(move || match File::open(&path) {
+                    Ok(file) => Ok(Some(file)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io("open", &path)(e)),
+                })
+                .await??;
+                let Some(file) = opened else {
+                    return Ok(None);
+                };
+                let file = Arc::new(file);
+                let mut open = self
+                    .open
+                    .lock()
+                    .expect("open-handle map lock is never poisoned");
+                if open.len() > 4096 {
+                    open.retain(|_, w| w.strong_count() > 0);
+                }
+                open.insert(digest.clone(), Arc::downgrade(&file));
+                file
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("open", &path)(e)),
-        })
-        .await?
+        };
+        let size = file
+            .metadata()
+            .map_err(Error::io("stat", &self.layout.blob(digest)))?
+            .len();
+        self.touch(digest);
+        Ok(Some(BlobFile { file, size }))
     }
 
     /// Starts a download of `digest` into a temporary file.
@@ -189,20 +255,19 @@ impl Store {
         let size = body.len() as u64;
         let ingest_dir = self.layout.ingest_dir();
         let media_type = media_type.to_owned();
-        let is_new = tokio::task::spawn_blocking(move || -> Result<bool> {
-            let is_new = !blob.exists();
-            if is_new {
+        let store = self.clone();
+        let stored = digest.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if !blob.exists() {
                 write_atomically(&ingest_dir, &blob, &body)?;
+                store.added(&stored, size, None);
             }
             // The media type goes in after the content: a manifest counts as stored only when
             // both exist, so a crash between the two leaves a miss, never a typeless hit.
             write_atomically(&ingest_dir, &meta, media_type.as_bytes())?;
-            Ok(is_new)
+            Ok(())
         })
         .await??;
-        if is_new {
-            self.added(size);
-        }
         Ok(())
     }
 
@@ -210,6 +275,8 @@ impl Store {
     pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(String, Bytes)>> {
         let blob = self.layout.blob(digest);
         let meta = self.layout.manifest_meta(digest);
+        let store = self.clone();
+        let stored = digest.clone();
         tokio::task::spawn_blocking(move || {
             let media_type = match std::fs::read_to_string(&meta) {
                 Ok(m) => m,
@@ -217,13 +284,45 @@ impl Store {
                 Err(e) => return Err(Error::io("read", &meta)(e)),
             };
             match std::fs::read(&blob) {
-                Ok(body) => Ok(Some((media_type, Bytes::from(body)))),
+                Ok(body) => {
+                    store.touch(&stored);
+                    Ok(Some((media_type, Bytes::from(body))))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(Error::io("read", &blob)(e)),
             }
         })
         .await?
     }
+}
+
+/// Takes the cache directory's lock (`index/lock`), so two processes never write one index.
+fn take_lock(layout: &Layout, access: Access) -> Result<File> {
+    let path = layout.index_dir().join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io("open", &path))?;
+    // A mirror restarting in place may briefly overlap its predecessor's shutdown.
+    let patience = match access {
+        Access::Serve => 100,
+        _ => 0,
+    };
+    for attempt in 0..=patience {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < patience => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Busy(layout.root().to_owned()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path)(e)),
+        }
+    }
+    Err(Error::Busy(layout.root().to_owned()))
 }
 
 /// Writes `bytes` to `dest` through a synced temporary file and a rename, so `dest` is either
@@ -341,9 +440,9 @@ mod tests {
                 )
                 .await
                 .expect("put");
-            let ingest = store.begin_ingest(&digest).expect("begin");
-            // A crash: the temp file stays behind.
-            std::mem::forget(ingest);
+            // A crash mid-download: the temp file stays behind (written directly, since a
+            // leaked `Ingest` would also keep this process's hold on the cache directory).
+            std::fs::write(dir.path().join("ingest/0123.part"), b"partial").expect("write");
         }
         assert_eq!(
             std::fs::read_dir(dir.path().join("ingest"))

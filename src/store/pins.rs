@@ -1,24 +1,18 @@
-//! Pins: content an operator wants kept whatever the cache's size limit says (seeded images
-//! of an air-gapped site). A pin is an empty file `pins/<alg>/<hex>` under the cache
-//! directory, so it survives restarts and is visible to anyone listing the directory.
+//! Pinned content: digests that eviction never removes, marked by empty files
+//! `pins/<alg>/<hex>` under the cache directory. A marker file (rather than a field in the access
+//! index) keeps pins readable and editable with `ls`/`touch`/`rm`, survives any index loss, and
+//! lets a command write pins while the mirror runs.
 
 use std::io;
-use std::path::PathBuf;
 
 use super::Store;
 use crate::oci::Digest;
 
 impl Store {
-    fn pin_path(&self, digest: &Digest) -> PathBuf {
-        self.root()
-            .join("pins")
-            .join(digest.algorithm().as_str())
-            .join(digest.hex())
-    }
-
-    /// Pins `digest`; pinning twice is harmless.
+    /// Marks `digest` as never to be evicted. Pinning twice is harmless; the blob need not be
+    /// stored yet (a pin may precede the download that fills it).
     pub fn pin(&self, digest: &Digest) -> io::Result<()> {
-        let path = self.pin_path(digest);
+        let path = self.layout.pin(digest);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -26,40 +20,45 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .map(drop)
+            .open(&path)?;
+        Ok(())
     }
 
-    /// Removes the pin of `digest`, if any.
+    /// Lets eviction consider `digest` again. Unpinning what is not pinned is harmless.
     pub fn unpin(&self, digest: &Digest) -> io::Result<()> {
-        match std::fs::remove_file(self.pin_path(digest)) {
+        match std::fs::remove_file(self.layout.pin(digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
+    /// Whether `digest` is pinned. An unreadable pins directory counts as pinned, so a
+    /// permission problem never turns into an eviction.
     pub fn is_pinned(&self, digest: &Digest) -> bool {
-        self.pin_path(digest).exists()
+        match std::fs::metadata(self.layout.pin(digest)) {
+            Ok(_) => true,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::oci::Algorithm;
+    use crate::oci::{Algorithm, Digest};
+    use crate::store::Store;
 
     #[test]
-    fn pins_survive_a_reopen_and_can_be_removed() {
+    fn pins_are_marker_files_that_come_and_go() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let digest = Digest::of(Algorithm::Sha256, b"layer");
         let store = Store::open(dir.path()).expect("open");
-        assert!(!store.is_pinned(&digest));
-        store.pin(&digest).expect("pin");
-        store.pin(&digest).expect("pin again");
-        let store = Store::open(dir.path()).expect("reopen");
-        assert!(store.is_pinned(&digest));
-        store.unpin(&digest).expect("unpin");
-        store.unpin(&digest).expect("unpin again");
-        assert!(!store.is_pinned(&digest));
+        let d = Digest::of(Algorithm::Sha256, b"pinned");
+        assert!(!store.is_pinned(&d));
+        store.pin(&d).expect("pin");
+        store.pin(&d).expect("pin twice");
+        assert!(store.is_pinned(&d));
+        assert!(dir.path().join("pins/sha256").join(d.hex()).is_file());
+        store.unpin(&d).expect("unpin");
+        store.unpin(&d).expect("unpin twice");
+        assert!(!store.is_pinned(&d));
     }
 }

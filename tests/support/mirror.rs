@@ -40,6 +40,7 @@ pub struct MirrorBuilder {
     offline: bool,
     credential_files: Vec<PathBuf>,
     credentials_admin: bool,
+    limits: Vec<(String, String)>,
 }
 
 impl MirrorBuilder {
@@ -56,6 +57,7 @@ impl MirrorBuilder {
             offline: false,
             credential_files: Vec::new(),
             credentials_admin: false,
+            limits: Vec::new(),
         }
     }
 
@@ -143,6 +145,12 @@ impl MirrorBuilder {
         self
     }
 
+    /// One `cache.limits` key (`max_size`, `high_watermark`, `check_interval`, ...).
+    pub fn limit(mut self, key: &str, value: &str) -> MirrorBuilder {
+        self.limits.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -158,7 +166,7 @@ impl MirrorBuilder {
             .expect("a mirror needs at least one upstream");
         let mut yaml = format!(
             "listen: \"127.0.0.1:0\"\n\
-             cache:\n  dir: {dir}\n  tag_ttl: {ttl}\n  fill_timeout: {fill_timeout}\n\
+             cache:\n  dir: {dir}\n  tag_ttl: {ttl}\n  fill_timeout: {fill_timeout}\n{limits}\
              default_upstream: {default}\n\
              upstream_client:\n  connect_timeout: 2s\n  read_timeout: {read_timeout}\n  attempts: {attempts}\n  retry_backoff: 10ms\n\
              server:\n  shutdown_timeout: 2s\n  header_read_timeout: 5s\n",
@@ -168,6 +176,15 @@ impl MirrorBuilder {
             attempts = self.attempts,
             read_timeout = q(&self.read_timeout),
             fill_timeout = q(&self.fill_timeout),
+            limits = if self.limits.is_empty() {
+                String::new()
+            } else {
+                let mut l = "  limits:\n".to_owned();
+                for (k, v) in &self.limits {
+                    l.push_str(&format!("    {k}: {}\n", q(v)));
+                }
+                l
+            },
         );
         // The periodic re-read is long, so a test sees the file watch (or a 401's re-read) work.
         yaml.push_str(&format!(
