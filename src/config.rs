@@ -54,6 +54,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Log output.
     pub log: LogConfig,
+    /// Client authentication and authorization (off by default).
+    pub access: crate::access::AccessConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -189,6 +191,7 @@ impl Default for Config {
             upstream_client: UpstreamClientConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
+            access: crate::access::AccessConfig::default(),
         }
     }
 }
@@ -353,6 +356,9 @@ impl Config {
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
+        self.access
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 }

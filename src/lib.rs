@@ -5,8 +5,10 @@
 //! - `cache`: what to serve: hits, coalesced misses, tag freshness, the cross-repository rule.
 //! - `store` / `upstream`: the disk, and the only code that dials out.
 //! - `oci`: the spec's types, no IO.
+//! - `access`: who a client is and what it may pull (consulted by `http` before `cache`).
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 
+pub mod access;
 pub mod cache;
 pub mod config;
 pub mod http;
