@@ -31,6 +31,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error("access control: {0}")]
+    Access(#[from] access::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -53,7 +55,8 @@ pub async fn serve(
     let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
-    let app = Arc::new(http::App::new(cache, metrics));
+    let access = access::Access::start(&config.access)?;
+    let app = Arc::new(http::App::new(cache, metrics).with_access(access));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, cache = %config.cache.dir.display(), "listening");
     }

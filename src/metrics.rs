@@ -3,8 +3,8 @@
 //! names, status codes): never a repository, a digest or anything a client typed.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -36,6 +36,12 @@ pub struct Metrics {
     /// Bytes and objects in the cache.
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
+    /// Refused credentials, by reason (`bad_password`, `unknown_token`, ...).
+    pub auth_failures: IntCounterVec,
+    /// Client addresses locked out after repeated failures.
+    pub auth_lockouts: IntCounter,
+    /// Requests refused by the access policy, by answer (`unauthorized`, `denied`, `locked_out`).
+    pub auth_refused: IntCounterVec,
     /// Build information, value 1.
     pub build_info: IntGaugeVec,
 }
@@ -84,6 +90,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let auth_lockouts = IntCounter::new(
+            "regcache_auth_lockouts_total",
+            "Client addresses locked out after repeated authentication failures",
+        )
+        .expect("metric definitions are static");
+        registry
+            .register(Box::new(auth_lockouts.clone()))
+            .expect("registered once");
         Metrics {
             http_requests: counter(
                 "regcache_http_requests_total",
@@ -146,6 +160,17 @@ impl Metrics {
             ),
             cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
             cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
+            auth_failures: counter(
+                "regcache_auth_failures_total",
+                "Refused client credentials, by reason",
+                &["reason"],
+            ),
+            auth_lockouts,
+            auth_refused: counter(
+                "regcache_auth_refused_total",
+                "Requests refused by access control, by answer (unauthorized, denied, locked_out)",
+                &["answer"],
+            ),
             build_info,
             registry,
         }
@@ -158,6 +183,12 @@ impl Metrics {
             self.cache_hits.with_label_values(&[kind]);
             self.cache_misses.with_label_values(&[kind]);
             self.cache_coalesced.with_label_values(&[kind]);
+        }
+        for reason in crate::access::Failure::ALL {
+            self.auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for answer in ["unauthorized", "denied", "locked_out"] {
+            self.auth_refused.with_label_values(&[answer]);
         }
         for source in ["cache", "upstream"] {
             self.served_bytes.with_label_values(&[source]);

@@ -9,6 +9,8 @@
 
 mod support;
 
+#[path = "mirror/access.rs"]
+mod access;
 #[path = "mirror/api.rs"]
 mod api;
 #[path = "mirror/auth.rs"]

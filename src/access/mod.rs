@@ -278,6 +278,11 @@ impl Principal {
         Principal::plain(Identity::Anonymous)
     }
 
+    /// A client known by its verified certificate's subject.
+    pub fn subject(subject: &str) -> Principal {
+        Principal::plain(Identity::Subject(subject.to_owned()))
+    }
+
     fn plain(identity: Identity) -> Principal {
         Principal {
             identity,

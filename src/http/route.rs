@@ -29,6 +29,8 @@ pub enum Route {
     Metrics,
     Healthz,
     Readyz,
+    /// `/token`: the registry token endpoint (when access control is on).
+    Token,
 }
 
 impl Route {
@@ -44,6 +46,7 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
+            Route::Token => "token",
         }
     }
 }
@@ -65,6 +68,7 @@ pub fn parse(path: &str) -> Result<Route, Error> {
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Healthz),
         "/readyz" => return Ok(Route::Readyz),
+        "/token" => return Ok(Route::Token),
         "/v2" | "/v2/" => return Ok(Route::Base),
         _ => {}
     }

@@ -36,6 +36,7 @@ pub struct MirrorBuilder {
     attempts: u32,
     read_timeout: String,
     fill_timeout: String,
+    access: Option<String>,
 }
 
 impl MirrorBuilder {
@@ -49,6 +50,7 @@ impl MirrorBuilder {
             attempts: 3,
             read_timeout: "5s".to_owned(),
             fill_timeout: "10m".to_owned(),
+            access: None,
         }
     }
 
@@ -108,6 +110,12 @@ impl MirrorBuilder {
         self
     }
 
+    /// The `access:` section, as YAML indented by two spaces under it.
+    pub fn access(mut self, yaml: &str) -> MirrorBuilder {
+        self.access = Some(yaml.to_owned());
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -148,6 +156,10 @@ impl MirrorBuilder {
                     q(pass)
                 ));
             }
+        }
+        if let Some(access) = &self.access {
+            yaml.push_str("access:\n");
+            yaml.push_str(access);
         }
         yaml
     }
