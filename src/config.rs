@@ -54,6 +54,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Log output.
     pub log: LogConfig,
+    /// HTTPS on the listener (off by default).
+    pub tls: crate::http::tls::TlsConfig,
     /// Client authentication and authorization (off by default).
     pub access: crate::access::AccessConfig,
 }
@@ -191,6 +193,7 @@ impl Default for Config {
             upstream_client: UpstreamClientConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
+            tls: crate::http::tls::TlsConfig::default(),
             access: crate::access::AccessConfig::default(),
         }
     }
@@ -356,6 +359,9 @@ impl Config {
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         self.access
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;

@@ -31,6 +31,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] http::tls::Error),
     #[error("access control: {0}")]
     Access(#[from] access::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -55,6 +57,7 @@ pub async fn serve(
     let upstreams = Arc::new(upstream::Upstreams::new(&config, metrics.clone())?);
     metrics.prime(upstreams.all().map(|u| u.name().as_str()));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
+    let tls = http::tls::Tls::load(&config.tls)?;
     let access = access::Access::start(&config.access)?;
     let app = Arc::new(http::App::new(cache, metrics).with_access(access));
     if let Ok(addr) = listener.local_addr() {
@@ -66,7 +69,10 @@ pub async fn serve(
         shutdown_timeout: config.server.shutdown_timeout,
     };
     let shutdown_timeout = limits.shutdown_timeout;
-    http::server::run(listener, app.clone(), limits, shutdown).await;
+    match tls {
+        Some(tls) => http::tls::run(listener, app.clone(), limits, tls, shutdown).await,
+        None => http::server::run(listener, app.clone(), limits, shutdown).await,
+    }
     app.cache.drain(shutdown_timeout).await;
     Ok(())
 }

@@ -31,6 +31,8 @@ mod restart;
 mod routing;
 #[path = "mirror/tags.rs"]
 mod tags;
+#[path = "mirror/tls.rs"]
+mod tls;
 #[path = "mirror/upstream_errors.rs"]
 mod upstream_errors;
 #[path = "mirror/verify.rs"]

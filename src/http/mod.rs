@@ -10,6 +10,7 @@ pub mod error;
 mod range;
 pub mod route;
 pub mod server;
+pub mod tls;
 mod token;
 
 use std::sync::Arc;

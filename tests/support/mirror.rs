@@ -37,6 +37,7 @@ pub struct MirrorBuilder {
     read_timeout: String,
     fill_timeout: String,
     access: Option<String>,
+    tls: Option<String>,
 }
 
 impl MirrorBuilder {
@@ -51,6 +52,7 @@ impl MirrorBuilder {
             read_timeout: "5s".to_owned(),
             fill_timeout: "10m".to_owned(),
             access: None,
+            tls: None,
         }
     }
 
@@ -116,6 +118,12 @@ impl MirrorBuilder {
         self
     }
 
+    /// The `tls:` section, as YAML indented by two spaces under it.
+    pub fn tls(mut self, yaml: &str) -> MirrorBuilder {
+        self.tls = Some(yaml.to_owned());
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -156,6 +164,10 @@ impl MirrorBuilder {
                     q(pass)
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            yaml.push_str("tls:\n");
+            yaml.push_str(tls);
         }
         if let Some(access) = &self.access {
             yaml.push_str("access:\n");
