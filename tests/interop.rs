@@ -344,3 +344,88 @@ fn restarted_mirror_serves_its_cache_without_the_upstream() {
         &World::index_blobs(&multi),
     );
 }
+
+#[test]
+fn skopeo_pulls_over_https_with_credentials_tokens_and_the_token_flow() {
+    let world = World::new();
+    let (skopeo, pushed, tls) = (&world.skopeo, &world.pushed, &world.tls);
+    let hash = bcrypt::hash("alice-pass", 4).expect("bcrypt");
+    let htpasswd = world.path("htpasswd");
+    process::write(&htpasswd, format!("alice:{hash}\nbob:{hash}\n"));
+    let upstream = &world.registry.addr;
+    let ci = regcache::access::tokens::create("ci", None, &[format!("{upstream}/team/**")])
+        .expect("a pull token");
+    let tokens = world.path("tokens");
+    process::write(&tokens, format!("{}\n", ci.line));
+    let extra = format!(
+        "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
+         access:\n  enabled: true\n  htpasswd_file: {htpasswd}\n  tokens_file: {tokens}\n\
+         \x20 rules:\n    - who: [user:alice, token:ci]\n      repositories: [\"{upstream}/team/*\"]\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        htpasswd = htpasswd.display(),
+        tokens = tokens.display(),
+    );
+    let cache = world.path("cache");
+    let mirror = Mirror::start_with(
+        world.dir.path(),
+        "secure",
+        &cache,
+        &world.registry,
+        tls,
+        DefaultUpstream::Registry,
+        &extra,
+    );
+    let v1 = format!("{NAME}:v1");
+    let expected = pushed.v1.all_blobs();
+
+    // User and password: skopeo meets the Bearer challenge and fetches a token from /token.
+    let alice = Source::SecureMirror(&mirror, tls, vec!["--src-creds=alice:alice-pass".into()]);
+    let dir = world.path("alice-v1");
+    skopeo.pull(&alice, &v1, &format!("oci:{}:v1", dir.display()));
+    verify_pulled_layout(&dir, "v1", &pushed.v1.manifest, &expected);
+
+    // A pull token as the password, through the same token flow.
+    let token_creds =
+        Source::SecureMirror(&mirror, tls, vec![format!("--src-creds=ci:{}", ci.token)]);
+    let dir = world.path("ci-v1");
+    skopeo.pull(&token_creds, &v1, &format!("oci:{}:v1", dir.display()));
+    verify_pulled_layout(&dir, "v1", &pushed.v1.manifest, &expected);
+
+    // A pull token as a static Bearer header, as containerd's hosts.toml sends it.
+    let static_bearer = Source::SecureMirror(
+        &mirror,
+        tls,
+        vec![format!("--src-registry-token={}", ci.token)],
+    );
+    let dir = world.path("bearer-multi");
+    skopeo.pull(
+        &static_bearer,
+        &format!("{NAME}:multi"),
+        &format!("oci:{}:multi", dir.display()),
+    );
+    verify_pulled_layout(
+        &dir,
+        "multi",
+        &pushed.multi.index,
+        &World::index_blobs(&pushed.multi),
+    );
+
+    // Refused: a known user without a rule, wrong password, no credentials.
+    for (flag, what) in [
+        ("--src-creds=bob:alice-pass", "bob has no rule"),
+        ("--src-creds=alice:wrong", "a wrong password"),
+        ("--src-no-creds", "no credentials"),
+    ] {
+        let source = Source::SecureMirror(&mirror, tls, vec![flag.into()]);
+        let (ok, stderr) = skopeo.try_inspect(&source, &v1);
+        assert!(!ok, "{what}: skopeo inspect should fail");
+        assert!(
+            stderr.contains("denied")
+                || stderr.contains("unauthorized")
+                || stderr.contains("401")
+                || stderr.contains("403"),
+            "{what}: {stderr}"
+        );
+    }
+}

@@ -42,6 +42,19 @@ impl Mirror {
         tls: &Tls,
         default_upstream: DefaultUpstream,
     ) -> Mirror {
+        Mirror::start_with(dir, run, cache_dir, registry, tls, default_upstream, "")
+    }
+
+    /// [`Mirror::start`] with more top-level config (`tls:`, `access:` sections).
+    pub fn start_with(
+        dir: &Path,
+        run: &str,
+        cache_dir: &Path,
+        registry: &Registry,
+        tls: &Tls,
+        default_upstream: DefaultUpstream,
+        extra_config: &str,
+    ) -> Mirror {
         let default_upstream = match default_upstream {
             DefaultUpstream::Registry => registry.addr.as_str(),
             DefaultUpstream::Decoy => DECOY,
@@ -59,7 +72,8 @@ impl Mirror {
              \x20   ca_file: {ca}\n\
              \x20 - name: \"{DECOY}\"\n\
              \x20   url: \"https://127.0.0.1:9\"\n\
-             log:\n  format: json\n  level: info\n",
+             log:\n  format: json\n  level: info\n\
+             {extra_config}",
             cache = cache_dir.display(),
             upstream = registry.addr,
             ca = tls.ca_file.display(),
