@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use containerd::{Containerd, write_hosts_dir};
+use containerd::{Containerd, write_hosts_dir, write_secure_hosts_dir};
 use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
@@ -428,4 +428,72 @@ fn skopeo_pulls_over_https_with_credentials_tokens_and_the_token_flow() {
             "{what}: {stderr}"
         );
     }
+}
+
+#[test]
+fn containerd_pulls_over_https_with_a_pull_token_in_hosts_toml() {
+    let world = World::new();
+    let tls = &world.tls;
+    let upstream = &world.registry.addr;
+    let node = regcache::access::tokens::create("node", None, &["**".into()]).expect("a token");
+    let other = regcache::access::tokens::create("other", None, &["**".into()]).expect("a token");
+    let tokens = world.path("tokens");
+    process::write(&tokens, format!("{}\n{}\n", node.line, other.line));
+    let extra = format!(
+        "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
+         access:\n  enabled: true\n  tokens_file: {tokens}\n\
+         \x20 rules:\n    - who: [token:node]\n      repositories: [\"{upstream}/team/*\"]\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        tokens = tokens.display(),
+    );
+    let mirror = Mirror::start_with(
+        world.dir.path(),
+        "containerd-secure",
+        &world.path("cache"),
+        &world.registry,
+        tls,
+        DefaultUpstream::Decoy,
+        &extra,
+    );
+    let reference = format!("{upstream}/{NAME}:multi");
+    let containerd = Containerd::start();
+
+    // A token the rules do not name: refused, and nothing fetched from the registry.
+    let seen_before = world.registry.requests().len();
+    let refused = write_secure_hosts_dir(
+        &world.path("certs-other.d"),
+        &world.registry,
+        &mirror,
+        &tls.ca_file,
+        &format!("Bearer {}", other.token),
+    );
+    let (ok, _) = containerd.try_pull(&refused, &reference, "linux/amd64");
+    assert!(!ok, "a token without a rule must not pull");
+    let fetched = world.registry.requests().len() - seen_before;
+    assert_eq!(fetched, 0, "a refused pull reached the registry");
+
+    let hosts_dir = write_secure_hosts_dir(
+        &world.path("certs.d"),
+        &world.registry,
+        &mirror,
+        &tls.ca_file,
+        &format!("Bearer {}", node.token),
+    );
+    containerd.pull(&hosts_dir, &reference, "linux/amd64");
+    assert_eq!(
+        containerd.image_digest(&reference),
+        world.pushed.multi.index.digest,
+        "ctr pulled another {reference}"
+    );
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let around_the_mirror: Vec<_> = world.registry.requests()[seen_before..]
+        .iter()
+        .filter(|r| r.user_agent.starts_with("containerd"))
+        .cloned()
+        .collect();
+    assert!(
+        around_the_mirror.is_empty(),
+        "containerd went to the registry itself"
+    );
 }

@@ -108,6 +108,26 @@ impl Containerd {
         );
     }
 
+    /// `ctr images pull` like [`Containerd::pull`], whatever its outcome: (success, stderr).
+    pub fn try_pull(&self, hosts_dir: &Path, reference: &str, platform: &str) -> (bool, String) {
+        let out = crate::process::try_run(
+            self.ctr()
+                .args([
+                    "images",
+                    "pull",
+                    "--snapshotter",
+                    "native",
+                    "--platform",
+                    platform,
+                ])
+                .arg("--hosts-dir")
+                .arg(hosts_dir)
+                .arg(reference),
+            COMMAND_TIMEOUT,
+        );
+        (out.status.success(), out.stderr)
+    }
+
     /// The digest `ctr images ls` reports for `reference` (the manifest or index it points to).
     pub fn image_digest(&self, reference: &str) -> String {
         let listing = run(self.ctr().args(["images", "ls"]), COMMAND_TIMEOUT).stdout_text();
@@ -160,6 +180,32 @@ pub fn write_hosts_dir(dir: &Path, registry: &Registry, mirror: &Mirror) -> Path
              [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
             registry = registry.addr,
             mirror = mirror.addr,
+        ),
+    );
+    dir.to_owned()
+}
+
+/// Like [`write_hosts_dir`], for a mirror serving HTTPS with a certificate from `ca_file`, sent
+/// a static `Authorization` header (hosts.toml cannot hold a user name and password for a
+/// mirror, so a pull token is how a node authenticates).
+pub fn write_secure_hosts_dir(
+    dir: &Path,
+    registry: &Registry,
+    mirror: &Mirror,
+    ca_file: &Path,
+    authorization: &str,
+) -> PathBuf {
+    let host_dir = dir.join(&registry.addr);
+    fs::create_dir_all(&host_dir).expect("creating the hosts.toml directory");
+    write(
+        &host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{registry}\"\n\n\
+             [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n\
+             \x20 [host.\"https://{mirror}\".header]\n    Authorization = \"{authorization}\"\n",
+            registry = registry.addr,
+            mirror = mirror.addr,
+            ca = ca_file.display(),
         ),
     );
     dir.to_owned()
