@@ -435,17 +435,21 @@ fn containerd_pulls_over_https_with_a_pull_token_in_hosts_toml() {
     let world = World::new();
     let tls = &world.tls;
     let upstream = &world.registry.addr;
+    let hash = bcrypt::hash("alice-pass", 4).expect("bcrypt");
+    let htpasswd = world.path("htpasswd");
+    process::write(&htpasswd, format!("alice:{hash}\n"));
     let node = regcache::access::tokens::create("node", None, &["**".into()]).expect("a token");
     let other = regcache::access::tokens::create("other", None, &["**".into()]).expect("a token");
     let tokens = world.path("tokens");
     process::write(&tokens, format!("{}\n{}\n", node.line, other.line));
     let extra = format!(
         "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
-         access:\n  enabled: true\n  tokens_file: {tokens}\n\
-         \x20 rules:\n    - who: [token:node]\n      repositories: [\"{upstream}/team/*\"]\n",
+         access:\n  enabled: true\n  tokens_file: {tokens}\n  htpasswd_file: {htpasswd}\n\
+         \x20 rules:\n    - who: [token:node, user:alice]\n      repositories: [\"{upstream}/team/*\"]\n",
         cert = tls.cert.display(),
         key = tls.key.display(),
         tokens = tokens.display(),
+        htpasswd = htpasswd.display(),
     );
     let mirror = Mirror::start_with(
         world.dir.path(),

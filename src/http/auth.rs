@@ -180,7 +180,19 @@ pub async fn gate<B>(
         Route::Base | Route::Upload => None,
         Route::Metrics | Route::Healthz | Route::Readyz | Route::Token => return Ok(()),
     };
-    let realm = realm(access, req);
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.as_str());
+    let mut realm = realm(access, req);
+    if let Some(ns) = ns {
+        // containerd names the upstream with `?ns=` and token clients keep a realm's query, so
+        // `/token` resolves the scope's names against the same upstream.
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("ns", ns)
+            .finish();
+        realm = format!("{realm}?{q}");
+    }
     let scope = name.map(|n| format!("repository:{}:pull", path_name(n)));
     let principal = authenticate(app, access, req, log, || {
         challenge(&realm, scope.as_deref(), Some("invalid_token"))
@@ -201,10 +213,6 @@ pub async fn gate<B>(
     let Some(name) = name else {
         return Ok(());
     };
-    let ns = query
-        .iter()
-        .find(|(k, _)| k == "ns")
-        .map(|(_, v)| v.as_str());
     let (upstream, repo) = app.cache.upstreams().select(ns, name)?;
     let target = format!("{}/{repo}", upstream.name());
     match access.decide(&principal, ip, &target, &path_name(name)) {

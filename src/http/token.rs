@@ -76,12 +76,17 @@ pub async fn token<B>(
         log.refused = Some("unauthorized");
         return Err(basic_challenge());
     }
+    // Set when the challenge came from a request naming its upstream with `?ns=`.
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.as_str());
     let mut requested = Vec::new();
     for name in requested_names(query) {
         let Ok(parsed) = name.parse::<ImageName>() else {
             continue;
         };
-        let Ok((upstream, repo)) = app.cache.upstreams().select(None, &parsed) else {
+        let Ok((upstream, repo)) = app.cache.upstreams().select(ns, &parsed) else {
             continue;
         };
         requested.push((name, format!("{}/{repo}", upstream.name())));

@@ -110,16 +110,26 @@ impl Containerd {
 
     /// `ctr images pull` like [`Containerd::pull`], whatever its outcome: (success, stderr).
     pub fn try_pull(&self, hosts_dir: &Path, reference: &str, platform: &str) -> (bool, String) {
+        self.try_pull_as(None, hosts_dir, reference, platform)
+    }
+
+    /// [`Containerd::try_pull`] with `--user USER:PASSWORD`, which containerd uses for the
+    /// registry token flow.
+    pub fn try_pull_as(
+        &self,
+        user: Option<&str>,
+        hosts_dir: &Path,
+        reference: &str,
+        platform: &str,
+    ) -> (bool, String) {
+        let mut cmd = self.ctr();
+        if let Some(user) = user {
+            cmd.args(["images", "pull", "--user", user]);
+        } else {
+            cmd.args(["images", "pull"]);
+        }
         let out = crate::process::try_run(
-            self.ctr()
-                .args([
-                    "images",
-                    "pull",
-                    "--snapshotter",
-                    "native",
-                    "--platform",
-                    platform,
-                ])
+            cmd.args(["--snapshotter", "native", "--platform", platform])
                 .arg("--hosts-dir")
                 .arg(hosts_dir)
                 .arg(reference),
@@ -187,7 +197,7 @@ pub fn write_hosts_dir(dir: &Path, registry: &Registry, mirror: &Mirror) -> Path
 
 /// Like [`write_hosts_dir`], for a mirror serving HTTPS with a certificate from `ca_file`, sent
 /// a static `Authorization` header (hosts.toml cannot hold a user name and password for a
-/// mirror, so a pull token is how a node authenticates).
+/// mirror, so a pull token is how a node authenticates). An empty `authorization` sends none.
 pub fn write_secure_hosts_dir(
     dir: &Path,
     registry: &Registry,
@@ -197,16 +207,19 @@ pub fn write_secure_hosts_dir(
 ) -> PathBuf {
     let host_dir = dir.join(&registry.addr);
     fs::create_dir_all(&host_dir).expect("creating the hosts.toml directory");
-    write(
-        &host_dir.join("hosts.toml"),
-        format!(
-            "server = \"https://{registry}\"\n\n\
-             [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n\
-             \x20 [host.\"https://{mirror}\".header]\n    Authorization = \"{authorization}\"\n",
-            registry = registry.addr,
-            mirror = mirror.addr,
-            ca = ca_file.display(),
-        ),
+    let mut text = format!(
+        "server = \"https://{registry}\"\n\n\
+         [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
+        registry = registry.addr,
+        mirror = mirror.addr,
+        ca = ca_file.display(),
     );
+    if !authorization.is_empty() {
+        text.push_str(&format!(
+            "  [host.\"https://{mirror}\".header]\n    Authorization = \"{authorization}\"\n",
+            mirror = mirror.addr,
+        ));
+    }
+    write(&host_dir.join("hosts.toml"), text);
     dir.to_owned()
 }

@@ -426,3 +426,69 @@ async fn an_address_that_keeps_failing_is_locked_out() {
     );
     assert!(!s.upstream_saw(ALLOWED));
 }
+
+#[tokio::test]
+async fn the_token_dance_follows_the_upstream_containerd_names_with_ns() {
+    let image = Image::new(1, 1024);
+    let default = FakeUpstream::builder().start().await;
+    let named = FakeUpstream::builder()
+        .image(ALLOWED, "v1", &image)
+        .start()
+        .await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
+    let htpasswd = files.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).expect("write htpasswd");
+    let cache = cache_dir();
+    let mirror = MirrorBuilder::new(cache.path())
+        .upstream(&default.host(), &default.url())
+        .upstream(&named.host(), &named.url())
+        .default_upstream(&default.host())
+        .access(&format!(
+            "  enabled: true\n  htpasswd_file: {}\n  rules:\n    - who: [user:alice]\n      repositories: [\"{}/team/*\"]\n",
+            serde_json::to_string(&htpasswd.to_string_lossy()).expect("string"),
+            named.host()
+        ))
+        .start()
+        .await;
+    let path = format!("/v2/{ALLOWED}/manifests/v1?ns={}", named.host());
+    let r = mirror.get(&path).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let c = challenge_of(&r);
+    let realm = param(&c, "realm").expect("realm");
+    assert!(realm.contains("?ns="), "{realm}");
+    let scope = param(&c, "scope").expect("scope");
+    // As containerd does: keep the realm's query, add service and scope.
+    let url = format!(
+        "{realm}&{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("service", "regcache")
+            .append_pair("scope", &scope)
+            .finish()
+    );
+    let resp = within(
+        "token",
+        mirror
+            .client()
+            .get(url)
+            .header("authorization", basic("alice", PASSWORD))
+            .send(),
+    )
+    .await
+    .expect("token response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let json: Value = serde_json::from_slice(&body(resp).await).expect("json");
+    let token = json["token"].as_str().expect("token");
+    let r = mirror
+        .request(
+            reqwest::Method::GET,
+            &path,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("accept", ACCEPT_MANIFESTS),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body(r).await, image.manifest.bytes);
+}
