@@ -2,7 +2,8 @@
 //! `kubernetes.io/tls` Secret), re-read when they change and swapped into the certificate
 //! resolver, so new handshakes get the new certificate while open connections carry on
 //! untouched; HTTP/2 and HTTP/1.1 by ALPN; optional client certificates verified against a CA
-//! bundle, whose subject becomes the client's identity (`subject:...` in access rules).
+//! bundle (also re-read on change), whose subject becomes the client's identity
+//! (`subject:...` in access rules).
 //! The accept loop mirrors `server.rs` (connection cap, graceful shutdown) with the handshake
 //! added; `server.rs` keeps the plain listener.
 
@@ -179,14 +180,18 @@ impl ResolvesServerCert for Resolver {
 
 /// The TLS side of the listener, ready to accept.
 pub struct Tls {
-    acceptor: TlsAcceptor,
+    /// Rebuilt when the client CA bundle changes; handshakes in progress keep the old one.
+    acceptor: RwLock<TlsAcceptor>,
     resolver: Arc<Resolver>,
+    config: TlsConfig,
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
 }
 
-fn stamp(paths: [&Path; 2]) -> Vec<Option<(SystemTime, u64)>> {
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(paths: &[&Path]) -> Stamp {
     paths
         .iter()
         .map(|p| {
@@ -195,6 +200,39 @@ fn stamp(paths: [&Path; 2]) -> Vec<Option<(SystemTime, u64)>> {
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         })
         .collect()
+}
+
+fn server_config(
+    config: &TlsConfig,
+    resolver: Arc<Resolver>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<rustls::ServerConfig, Error> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &config.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs("client CA file", ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| invalid("client CA file", ca, e.to_string()))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let verifier = match config.client_auth {
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+                ClientAuth::Required => verifier,
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| invalid("client CA file", ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder.with_cert_resolver(resolver);
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(server)
 }
 
 impl Tls {
@@ -209,34 +247,11 @@ impl Tls {
         let resolver = Arc::new(Resolver {
             current: RwLock::new(Arc::new(certified)),
         });
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?;
-        let builder = match &config.client_ca_file {
-            None => builder.with_no_client_auth(),
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in load_certs("client CA file", ca)? {
-                    roots
-                        .add(c)
-                        .map_err(|e| invalid("client CA file", ca, e.to_string()))?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-                let verifier = match config.client_auth {
-                    ClientAuth::Optional => verifier.allow_unauthenticated(),
-                    ClientAuth::Required => verifier,
-                };
-                let verifier = verifier
-                    .build()
-                    .map_err(|e| invalid("client CA file", ca, e.to_string()))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let mut server = builder.with_cert_resolver(resolver.clone());
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let server = server_config(config, resolver.clone(), &provider)?;
         let tls = Arc::new(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            acceptor: RwLock::new(TlsAcceptor::from(Arc::new(server))),
             resolver,
+            config: config.clone(),
             cert: cert.clone(),
             key: key.clone(),
             provider,
@@ -245,7 +260,21 @@ impl Tls {
         Ok(Some(tls))
     }
 
-    fn reload(&self) {
+    fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn ca_stamp(&self) -> Stamp {
+        match &self.config.client_ca_file {
+            Some(ca) => stamp(&[ca]),
+            None => Vec::new(),
+        }
+    }
+
+    fn reload_certificate(&self) {
         match load_certified_key(&self.cert, &self.key, &self.provider) {
             Ok(certified) => {
                 *self
@@ -256,16 +285,30 @@ impl Tls {
                 tracing::info!(cert = %self.cert.display(), "reloaded the TLS certificate");
             }
             Err(e) => {
-                // Often a Secret mid-update (certificate written, key not yet): retried next tick.
+                // Often a half-written update (certificate written, key not yet): the next
+                // change to either file tries again.
                 tracing::warn!(error = %e, "cannot reload the TLS certificate; keeping the current one");
+            }
+        }
+    }
+
+    fn reload_client_ca(&self) {
+        match server_config(&self.config, self.resolver.clone(), &self.provider) {
+            Ok(server) => {
+                *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
+                    TlsAcceptor::from(Arc::new(server));
+                tracing::info!("reloaded the client CA bundle");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload the client CA bundle; keeping the current one");
             }
         }
     }
 }
 
 async fn reload_loop(tls: Weak<Tls>, interval: Duration) {
-    let mut last = match tls.upgrade() {
-        Some(t) => stamp([&t.cert, &t.key]),
+    let (mut last_cert, mut last_ca) = match tls.upgrade() {
+        Some(t) => (stamp(&[&t.cert, &t.key]), t.ca_stamp()),
         None => return,
     };
     let mut tick = tokio::time::interval(interval);
@@ -276,10 +319,21 @@ async fn reload_loop(tls: Weak<Tls>, interval: Duration) {
         let Some(tls) = tls.upgrade() else {
             return;
         };
-        let now = stamp([&tls.cert, &tls.key]);
-        if now != last {
-            last = now;
-            let done = tokio::task::spawn_blocking(move || tls.reload()).await;
+        let cert = stamp(&[&tls.cert, &tls.key]);
+        let ca = tls.ca_stamp();
+        let (cert_changed, ca_changed) = (cert != last_cert, ca != last_ca);
+        last_cert = cert;
+        last_ca = ca;
+        if cert_changed || ca_changed {
+            let done = tokio::task::spawn_blocking(move || {
+                if cert_changed {
+                    tls.reload_certificate();
+                }
+                if ca_changed {
+                    tls.reload_client_ca();
+                }
+            })
+            .await;
             if done.is_err() {
                 return;
             }
@@ -328,7 +382,7 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let acceptor = tls.acceptor.clone();
+        let acceptor = tls.acceptor();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = limits.header_read_timeout;

@@ -248,7 +248,7 @@ async fn a_client_certificate_subject_is_an_identity() {
     let cache = cache_dir();
     let tls = |mode: &str| {
         format!(
-            "  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_auth: {mode}\n",
+            "  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_auth: {mode}\n  reload_interval: 50ms\n",
             q(&files.path("tls.crt")),
             q(&files.path("tls.key")),
             q(&files.path("ca.crt")),
@@ -316,6 +316,21 @@ async fn a_client_certificate_subject_is_an_identity() {
         .is_err(),
         "a certificate from another CA fails the handshake"
     );
+    // The client CA bundle is rotated to the other CA: its node-1 is now the trusted one.
+    files.write("ca.crt", &other_ca.cert.pem());
+    let rotated = async {
+        loop {
+            let client = https_client(&server_ca, Some((&forged_cert, &forged_key)), false);
+            if get(client)
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    };
+    within("the new client CA bundle to take effect", rotated).await;
     drop(mirror);
 
     let cache2 = cache_dir();
@@ -331,7 +346,7 @@ async fn a_client_certificate_subject_is_an_identity() {
     );
     let r = https_client(&server_ca, None, false).get(&url).send().await;
     assert!(r.is_err(), "required: no certificate, no connection");
-    let r = https_client(&server_ca, Some((&node1_cert, &node1_key)), false)
+    let r = https_client(&server_ca, Some((&forged_cert, &forged_key)), false)
         .get(&url)
         .send()
         .await
