@@ -237,18 +237,28 @@ pub enum Failure {
     UnknownToken,
     ExpiredToken,
     BadRegistryToken,
+    /// A registry token this mirror signed, past its lifetime: clients fetch a new one.
+    ExpiredRegistryToken,
     Revoked,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 6] = [
+    pub const ALL: [Failure; 7] = [
         Failure::Malformed,
         Failure::BadPassword,
         Failure::UnknownToken,
         Failure::ExpiredToken,
         Failure::BadRegistryToken,
+        Failure::ExpiredRegistryToken,
         Failure::Revoked,
     ];
+
+    /// Whether this failure looks like guessing. Tokens this mirror signed itself (expired,
+    /// or of an identity since removed) do not: many requests of one busy client can carry
+    /// the same expired token at once, and must not lock its address out.
+    pub fn counts_toward_lockout(self) -> bool {
+        !matches!(self, Failure::ExpiredRegistryToken | Failure::Revoked)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -257,6 +267,7 @@ impl Failure {
             Failure::UnknownToken => "unknown_token",
             Failure::ExpiredToken => "expired_token",
             Failure::BadRegistryToken => "bad_registry_token",
+            Failure::ExpiredRegistryToken => "expired_registry_token",
             Failure::Revoked => "revoked",
         }
     }
@@ -562,7 +573,12 @@ impl Access {
         let claims = self
             .key
             .verify(presented, SystemTime::now())
-            .map_err(|_| Failure::BadRegistryToken)?;
+            .map_err(|e| match e {
+                jwt::Error::Expired => Failure::ExpiredRegistryToken,
+                jwt::Error::Malformed | jwt::Error::Signature | jwt::Error::Audience => {
+                    Failure::BadRegistryToken
+                }
+            })?;
         let identity = Identity::parse(&claims.sub).ok_or(Failure::BadRegistryToken)?;
         let granted = Some(
             claims
@@ -850,6 +866,20 @@ rules:
                 .unwrap_err(),
             Failure::BadRegistryToken
         );
+        // An expired token of ours is told apart: clients renew it, it is not guessing.
+        let (old, _) = access.key.issue(
+            "user:alice",
+            Vec::new(),
+            SystemTime::now() - Duration::from_secs(600),
+            Duration::from_secs(300),
+        );
+        let failure = access
+            .authenticate(Credentials::Bearer(old))
+            .await
+            .unwrap_err();
+        assert_eq!(failure, Failure::ExpiredRegistryToken);
+        assert!(!failure.counts_toward_lockout());
+        assert!(Failure::BadPassword.counts_toward_lockout());
     }
 
     #[tokio::test]

@@ -154,7 +154,7 @@ pub async fn authenticate<B>(
             if let Some(user) = user_hint {
                 log.identity = Some(format!("user:{user}"));
             }
-            if access.lockout().failure(ip) {
+            if failure.counts_toward_lockout() && access.lockout().failure(ip) {
                 app.metrics.auth_lockouts.inc();
                 tracing::warn!(target: "regcache::audit", event = "lockout", client = %ip, "client address locked out after repeated authentication failures");
             }
