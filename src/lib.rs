@@ -59,6 +59,11 @@ pub async fn serve(
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let tls = http::tls::Tls::load(&config.tls)?;
     let access = access::Access::start(&config.access)?;
+    if access.is_some() && tls.is_none() {
+        tracing::warn!(
+            "access control is on but the listener is plain HTTP: passwords and tokens cross the network in clear unless a TLS proxy sits in front (set tls.cert_file and tls.key_file)"
+        );
+    }
     let app = Arc::new(http::App::new(cache, metrics).with_access(access));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, cache = %config.cache.dir.display(), "listening");

@@ -492,3 +492,56 @@ async fn the_token_dance_follows_the_upstream_containerd_names_with_ns() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(body(r).await, image.manifest.bytes);
 }
+
+#[tokio::test]
+async fn the_cross_repository_rule_holds_per_identity() {
+    // bob may pull secret/*: his pull caches secret/app's layer. alice may pull team/*, and
+    // asks for that layer by digest through team/app, which does not hold it upstream.
+    let private = Image::new(1, 4096);
+    let public = Image::new(1, 4096);
+    let up = FakeUpstream::builder()
+        .image(OTHER, "v1", &private)
+        .image(ALLOWED, "v1", &public)
+        .start()
+        .await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
+    let htpasswd = files.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\nbob:{hash}\n")).expect("write htpasswd");
+    let host = up.host();
+    let cache = cache_dir();
+    let mirror = MirrorBuilder::new(cache.path())
+        .upstream(&host, &up.url())
+        .access(&format!(
+            "  enabled: true\n  htpasswd_file: {}\n  rules:\n    - who: [user:alice]\n      repositories: [\"{host}/team/*\"]\n    - who: [user:bob]\n      repositories: [\"{host}/secret/*\"]\n",
+            serde_json::to_string(&htpasswd.to_string_lossy()).expect("string"),
+        ))
+        .start()
+        .await;
+    let layer = &private.layers[0];
+    let bob = basic("bob", PASSWORD);
+    let r = mirror
+        .request(
+            reqwest::Method::GET,
+            &format!("/v2/{OTHER}/blobs/{}", layer.digest),
+            &[("authorization", &bob)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body(r).await, layer.bytes, "bob's pull cached the layer");
+    let alice = basic("alice", PASSWORD);
+    let r = mirror
+        .request(
+            reqwest::Method::GET,
+            &format!("/v2/{ALLOWED}/blobs/{}", layer.digest),
+            &[("authorization", &alice)],
+        )
+        .await;
+    assert_error(
+        r,
+        StatusCode::NOT_FOUND,
+        "BLOB_UNKNOWN",
+        "alice asking for bob's cached layer through her repository",
+    )
+    .await;
+}
