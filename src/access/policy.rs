@@ -303,6 +303,32 @@ rules:
     }
 
     #[test]
+    fn authenticated_means_any_known_identity() {
+        let p = policy(
+            r#"
+rules:
+  - who: [authenticated]
+    networks: ["192.0.2.0/24", "2001:db8::/32"]
+    repositories: ["docker.io/**"]
+"#,
+        );
+        let inside = ip("192.0.2.50");
+        for id in [
+            Identity::User("u".into()),
+            Identity::Token("t".into()),
+            Identity::Subject("CN=s".into()),
+        ] {
+            assert!(p.allows(&id, inside, "docker.io/library/alpine"), "{id}");
+            assert!(p.allows(&id, ip("2001:db8::7"), "docker.io/x/y"), "{id}");
+            assert!(
+                !p.allows(&id, ip("198.51.100.1"), "docker.io/library/alpine"),
+                "{id}"
+            );
+        }
+        assert!(!p.allows(&Identity::Anonymous, inside, "docker.io/library/alpine"));
+    }
+
+    #[test]
     fn no_rules_deny_everything() {
         let p = Policy::default();
         assert!(!p.allows(
