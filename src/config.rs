@@ -58,6 +58,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Serve every upstream purely from the cache, never contacting it (air-gapped sites).
     pub offline: bool,
+    /// HTTPS on the listener (off by default).
+    pub tls: crate::http::tls::TlsConfig,
+    /// Client authentication and authorization (off by default).
+    pub access: crate::access::AccessConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -203,6 +207,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             log: LogConfig::default(),
             offline: false,
+            tls: crate::http::tls::TlsConfig::default(),
+            access: crate::access::AccessConfig::default(),
         }
     }
 }
@@ -381,6 +387,12 @@ impl Config {
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
+        self.tls
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.access
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         Ok(())
     }
 }

@@ -8,9 +8,11 @@
 //! - `credentials`: which upstream credential applies to a request, from mounted secrets.
 //! - `oci`: the spec's types, no IO.
 //! - `maintenance`: the `regcache cache` commands (stats, verify, gc) over `store`.
+//! - `access`: who a client is and what it may pull (consulted by `http` before `cache`).
 //! - `config`, `metrics`, `telemetry`: read by all of the above, depending on none of them.
 //! - `nodeconfig`: `regcache node-config`, runtime config files pointing nodes at the mirror.
 
+pub mod access;
 pub mod airgap;
 pub mod cache;
 pub mod config;
@@ -41,6 +43,10 @@ pub enum Error {
     Airgap(#[from] airgap::Error),
     #[error(transparent)]
     Kubernetes(#[from] credentials::kubernetes::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] http::tls::Error),
+    #[error("access control: {0}")]
+    Access(#[from] access::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -108,7 +114,14 @@ pub async fn serve(
         },
     ));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
-    let mut app = http::App::new(cache, metrics);
+    let tls = http::tls::Tls::load(&config.tls)?;
+    let access = access::Access::start(&config.access)?;
+    if access.is_some() && tls.is_none() {
+        tracing::warn!(
+            "access control is on but the listener is plain HTTP: passwords and tokens cross the network in clear unless a TLS proxy sits in front (set tls.cert_file and tls.key_file)"
+        );
+    }
+    let mut app = http::App::new(cache, metrics).with_access(access);
     if config.credentials.admin_endpoint {
         app = app.with_credentials_admin(http::admin::CredentialsAdmin {
             config: config.clone(),
@@ -125,7 +138,10 @@ pub async fn serve(
         shutdown_timeout: config.server.shutdown_timeout,
     };
     let shutdown_timeout = limits.shutdown_timeout;
-    http::server::run(listener, app.clone(), limits, shutdown).await;
+    match tls {
+        Some(tls) => http::tls::run(listener, app.clone(), limits, tls, shutdown).await,
+        None => http::server::run(listener, app.clone(), limits, shutdown).await,
+    }
     app.cache.drain(shutdown_timeout).await;
     if let Some(watch) = file_watch {
         watch.abort();

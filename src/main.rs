@@ -30,6 +30,11 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Manage pull tokens for `access.tokens_file`.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Check a config file and print the effective settings (credentials masked).
     CheckConfig {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
@@ -312,6 +317,52 @@ fn cache_command(config: Option<PathBuf>, command: CacheCommand) -> ExitCode {
     }
 }
 
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a pull token: prints the token (shown only this once) and the line to add to the
+    /// tokens file.
+    Create {
+        /// The token's name, used in access rules as `token:NAME` and in audit logs.
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. `90d`, `12h`, or `never`.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// `upstream/repository` globs the token may pull at most (repeatable), e.g.
+        /// `docker.io/library/*`, `ghcr.io/acme/**`, `**`.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+}
+
+fn token_create(name: &str, expires: &str, scopes: &[String]) -> ExitCode {
+    let expires = if expires == "never" {
+        None
+    } else {
+        match humantime::parse_duration(expires) {
+            Ok(d) => Some(std::time::SystemTime::now() + d),
+            Err(e) => {
+                eprintln!("regcache: --expires `{expires}`: {e} (e.g. 90d, 12h, never)");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    match regcache::access::tokens::create(name, expires, scopes) {
+        Ok(created) => {
+            println!("token: {}", created.token);
+            println!("tokens file line: {}", created.line);
+            eprintln!(
+                "The token is shown only now. Add the line to access.tokens_file; the policy must also allow token:{name}."
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -361,6 +412,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Cache { config, command } => cache_command(config, command),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    name,
+                    expires,
+                    scopes,
+                },
+        } => token_create(&name, &expires, &scopes),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -41,6 +41,12 @@ pub struct Metrics {
     /// Bytes and objects in the cache.
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
+    /// Refused credentials, by reason (`bad_password`, `unknown_token`, ...).
+    pub auth_failures: IntCounterVec,
+    /// Client addresses locked out after repeated failures.
+    pub auth_lockouts: IntCounter,
+    /// Requests refused by the access policy, by answer (`unauthorized`, `denied`, `locked_out`).
+    pub auth_refused: IntCounterVec,
     /// Build information, value 1.
     pub build_info: IntGaugeVec,
     /// Credential sources loaded with a change (the first load included).
@@ -100,6 +106,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let auth_lockouts = IntCounter::new(
+            "regcache_auth_lockouts_total",
+            "Client addresses locked out after repeated authentication failures",
+        )
+        .expect("metric definitions are static");
+        registry
+            .register(Box::new(auth_lockouts.clone()))
+            .expect("registered once");
         Metrics {
             http_requests: counter(
                 "regcache_http_requests_total",
@@ -191,6 +205,17 @@ impl Metrics {
                 "regcache_credentials_reload_errors_total",
                 "Credential sources that could not be read or parsed; the last good version was kept",
             ),
+            auth_failures: counter(
+                "regcache_auth_failures_total",
+                "Refused client credentials, by reason",
+                &["reason"],
+            ),
+            auth_lockouts,
+            auth_refused: counter(
+                "regcache_auth_refused_total",
+                "Requests refused by access control, by answer (unauthorized, denied, locked_out)",
+                &["answer"],
+            ),
             build_info,
             registry,
         }
@@ -207,6 +232,12 @@ impl Metrics {
         for reason in crate::store::Reason::ALL {
             self.evictions.with_label_values(&[reason.as_str()]);
             self.evicted_bytes.with_label_values(&[reason.as_str()]);
+        }
+        for reason in crate::access::Failure::ALL {
+            self.auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for answer in ["unauthorized", "denied", "locked_out"] {
+            self.auth_refused.with_label_values(&[answer]);
         }
         for source in ["cache", "upstream"] {
             self.served_bytes.with_label_values(&[source]);

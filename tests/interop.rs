@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use containerd::{Containerd, write_hosts_dir};
+use containerd::{Containerd, write_hosts_dir, write_secure_hosts_dir};
 use image::{
     Descriptor, Image, Index, Layout, sha256_digest, verify_pulled_dir, verify_pulled_layout,
 };
@@ -959,4 +959,161 @@ fn the_manifests_node_config_arguments_wire_a_node() {
             );
         }
     }
+}
+
+#[test]
+fn skopeo_pulls_over_https_with_credentials_tokens_and_the_token_flow() {
+    let world = World::new();
+    let (skopeo, pushed, tls) = (&world.skopeo, &world.pushed, &world.tls);
+    let hash = bcrypt::hash("alice-pass", 4).expect("bcrypt");
+    let htpasswd = world.path("htpasswd");
+    process::write(&htpasswd, format!("alice:{hash}\nbob:{hash}\n"));
+    let upstream = &world.registry.addr;
+    let ci = regcache::access::tokens::create("ci", None, &[format!("{upstream}/team/**")])
+        .expect("a pull token");
+    let tokens = world.path("tokens");
+    process::write(&tokens, format!("{}\n", ci.line));
+    let extra = format!(
+        "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
+         access:\n  enabled: true\n  htpasswd_file: {htpasswd}\n  tokens_file: {tokens}\n\
+         \x20 rules:\n    - who: [user:alice, token:ci]\n      repositories: [\"{upstream}/team/*\"]\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        htpasswd = htpasswd.display(),
+        tokens = tokens.display(),
+    );
+    let cache = world.path("cache");
+    let mirror = Mirror::start_with_extra(
+        world.dir.path(),
+        "secure",
+        &cache,
+        &world.registry,
+        tls,
+        DefaultUpstream::Registry,
+        &extra,
+    );
+    let v1 = format!("{NAME}:v1");
+    let expected = pushed.v1.all_blobs();
+
+    // User and password: skopeo meets the Bearer challenge and fetches a token from /token.
+    let alice = Source::SecureMirror(&mirror, tls, vec!["--src-creds=alice:alice-pass".into()]);
+    let dir = world.path("alice-v1");
+    skopeo.pull(&alice, &v1, &format!("oci:{}:v1", dir.display()));
+    verify_pulled_layout(&dir, "v1", &pushed.v1.manifest, &expected);
+
+    // A pull token as the password, through the same token flow.
+    let token_creds =
+        Source::SecureMirror(&mirror, tls, vec![format!("--src-creds=ci:{}", ci.token)]);
+    let dir = world.path("ci-v1");
+    skopeo.pull(&token_creds, &v1, &format!("oci:{}:v1", dir.display()));
+    verify_pulled_layout(&dir, "v1", &pushed.v1.manifest, &expected);
+
+    // A pull token as a static Bearer header, as containerd's hosts.toml sends it.
+    let static_bearer = Source::SecureMirror(
+        &mirror,
+        tls,
+        vec![format!("--src-registry-token={}", ci.token)],
+    );
+    let dir = world.path("bearer-multi");
+    skopeo.pull(
+        &static_bearer,
+        &format!("{NAME}:multi"),
+        &format!("oci:{}:multi", dir.display()),
+    );
+    verify_pulled_layout(
+        &dir,
+        "multi",
+        &pushed.multi.index,
+        &World::index_blobs(&pushed.multi),
+    );
+
+    // Refused: a known user without a rule, wrong password, no credentials.
+    for (flag, what) in [
+        ("--src-creds=bob:alice-pass", "bob has no rule"),
+        ("--src-creds=alice:wrong", "a wrong password"),
+        ("--src-no-creds", "no credentials"),
+    ] {
+        let source = Source::SecureMirror(&mirror, tls, vec![flag.into()]);
+        let (ok, stderr) = skopeo.try_inspect(&source, &v1);
+        assert!(!ok, "{what}: skopeo inspect should fail");
+        assert!(
+            stderr.contains("denied")
+                || stderr.contains("unauthorized")
+                || stderr.contains("401")
+                || stderr.contains("403"),
+            "{what}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn containerd_pulls_over_https_with_a_pull_token_in_hosts_toml() {
+    let world = World::new();
+    let tls = &world.tls;
+    let upstream = &world.registry.addr;
+    let hash = bcrypt::hash("alice-pass", 4).expect("bcrypt");
+    let htpasswd = world.path("htpasswd");
+    process::write(&htpasswd, format!("alice:{hash}\n"));
+    let node = regcache::access::tokens::create("node", None, &["**".into()]).expect("a token");
+    let other = regcache::access::tokens::create("other", None, &["**".into()]).expect("a token");
+    let tokens = world.path("tokens");
+    process::write(&tokens, format!("{}\n{}\n", node.line, other.line));
+    let extra = format!(
+        "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
+         access:\n  enabled: true\n  tokens_file: {tokens}\n  htpasswd_file: {htpasswd}\n\
+         \x20 rules:\n    - who: [token:node, user:alice]\n      repositories: [\"{upstream}/team/*\"]\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        tokens = tokens.display(),
+        htpasswd = htpasswd.display(),
+    );
+    let mirror = Mirror::start_with_extra(
+        world.dir.path(),
+        "containerd-secure",
+        &world.path("cache"),
+        &world.registry,
+        tls,
+        DefaultUpstream::Decoy,
+        &extra,
+    );
+    let reference = format!("{upstream}/{NAME}:multi");
+    let containerd = Containerd::start();
+
+    // A token the rules do not name: refused, and nothing fetched from the registry.
+    let seen_before = world.registry.requests().len();
+    let refused = write_secure_hosts_dir(
+        &world.path("certs-other.d"),
+        &world.registry,
+        &mirror,
+        &tls.ca_file,
+        &format!("Bearer {}", other.token),
+    );
+    let (ok, _) = containerd.try_pull(&refused, &reference, "linux/amd64");
+    assert!(!ok, "a token without a rule must not pull");
+    let fetched = world.registry.requests().len() - seen_before;
+    assert_eq!(fetched, 0, "a refused pull reached the registry");
+
+    let hosts_dir = write_secure_hosts_dir(
+        &world.path("certs.d"),
+        &world.registry,
+        &mirror,
+        &tls.ca_file,
+        &format!("Bearer {}", node.token),
+    );
+    containerd.pull(&hosts_dir, &reference, "linux/amd64");
+    assert_eq!(
+        containerd.image_digest(&reference),
+        world.pushed.multi.index.digest,
+        "ctr pulled another {reference}"
+    );
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let around_the_mirror: Vec<_> = world.registry.requests()[seen_before..]
+        .iter()
+        .filter(|r| r.user_agent.starts_with("containerd"))
+        .cloned()
+        .collect();
+    assert!(
+        around_the_mirror.is_empty(),
+        "containerd went to the registry itself"
+    );
 }

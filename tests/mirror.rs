@@ -9,6 +9,8 @@
 
 mod support;
 
+#[path = "mirror/access.rs"]
+mod access;
 #[path = "mirror/api.rs"]
 mod api;
 #[path = "mirror/auth.rs"]
@@ -45,6 +47,8 @@ mod routing;
 mod seed;
 #[path = "mirror/tags.rs"]
 mod tags;
+#[path = "mirror/tls.rs"]
+mod tls;
 #[path = "mirror/upstream_errors.rs"]
 mod upstream_errors;
 #[path = "mirror/verify.rs"]

@@ -18,8 +18,9 @@ pub struct CredentialsAdmin {
     pub set: Arc<Credentials>,
 }
 
-/// Whether `req` may use the admin endpoints. Today, anyone who can reach the listener once
-/// `credentials.admin_endpoint` is on; downstream authentication belongs here when it exists.
+/// Whether `req` may use the admin endpoints beyond what the access gate (`http::auth::gate`)
+/// already decided: with access control on, only authenticated identities reach this point;
+/// with it off, anyone who can reach the listener once `credentials.admin_endpoint` is on.
 pub fn allowed<B>(_req: &Request<B>) -> bool {
     true
 }

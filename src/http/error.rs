@@ -24,6 +24,8 @@ pub struct ApiError {
     pub message: String,
     pub fault: Fault,
     pub retry_after: Option<HeaderValue>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub challenge: Option<Box<HeaderValue>>,
     /// The full chain, for the log line only.
     pub source: Option<String>,
 }
@@ -41,6 +43,7 @@ impl ApiError {
             message: message.into(),
             fault,
             retry_after: None,
+            challenge: None,
             source: None,
         }
     }
@@ -69,7 +72,13 @@ impl ApiError {
 
 impl From<route::Error> for ApiError {
     fn from(e: route::Error) -> ApiError {
-        let (status, code) = match &e {
+        ApiError::from(&e)
+    }
+}
+
+impl From<&route::Error> for ApiError {
+    fn from(e: &route::Error) -> ApiError {
+        let (status, code) = match e {
             route::Error::NotFound => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
             route::Error::Name(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
             route::Error::Tag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),

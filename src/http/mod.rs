@@ -4,12 +4,16 @@
 
 pub mod admin;
 mod api;
+pub mod audit;
+pub mod auth;
 mod body;
 pub mod error;
 mod http1;
 mod range;
 pub mod route;
 pub mod server;
+pub mod tls;
+mod token;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use tokio::time::Instant;
 
+use crate::access::Access;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use body::Body;
@@ -29,6 +34,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun, so load balancers stop sending requests.
     pub ready: AtomicBool,
+    /// Client access control; `None` when off (everyone may pull everything).
+    pub access: Option<Arc<Access>>,
     next_id: AtomicU64,
     /// `GET /admin/credentials`, when `credentials.admin_endpoint` is on.
     credentials_admin: Option<admin::CredentialsAdmin>,
@@ -40,6 +47,7 @@ impl App {
             cache,
             metrics,
             ready: AtomicBool::new(true),
+            access: None,
             next_id: AtomicU64::new(1),
             credentials_admin: None,
         }
@@ -48,6 +56,12 @@ impl App {
     /// Serves `GET /admin/credentials` from `admin`.
     pub fn with_credentials_admin(mut self, admin: admin::CredentialsAdmin) -> App {
         self.credentials_admin = Some(admin);
+        self
+    }
+
+    /// Turns on client access control.
+    pub fn with_access(mut self, access: Option<Arc<Access>>) -> App {
+        self.access = access;
         self
     }
 }
@@ -68,6 +82,10 @@ pub struct RequestLog {
     pub repo: Option<String>,
     pub cache: Option<&'static str>,
     pub bytes: u64,
+    /// Who the client authenticated as (when access control is on).
+    pub identity: Option<String>,
+    /// Why access control refused the request, if it did.
+    pub refused: Option<&'static str>,
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
@@ -85,7 +103,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     let span = tracing::info_span!("request", id, %method, route = kind);
     let mut log = RequestLog::default();
     let result = tracing::Instrument::instrument(
-        dispatch(&app, &method, &req, route, &mut log),
+        dispatch(&app, &method, &req, route.as_ref(), &mut log),
         span.clone(),
     )
     .await;
@@ -108,6 +126,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     let repo = log.repo.as_deref().unwrap_or("-");
     let cache = log.cache.unwrap_or("-");
     let ms = started.elapsed().as_secs_f64() * 1e3;
+    audit::record(route.as_ref().ok(), auth::client_ip(&req), &log, &response);
     if kind == "metrics" || kind == "healthz" || kind == "readyz" {
         tracing::debug!(path, status = status.as_u16(), ms, "request");
     } else {
@@ -129,14 +148,14 @@ async fn dispatch<B>(
     app: &App,
     method: &Method,
     req: &Request<B>,
-    route: Result<Route, route::Error>,
+    route: Result<&Route, &route::Error>,
     log: &mut RequestLog,
 ) -> Result<Response<Body>, ApiError> {
     let is_read = method == Method::GET || method == Method::HEAD;
     if !is_read && req.uri().path().starts_with("/v2") {
         return Err(ApiError::unsupported());
     }
-    let route = route?;
+    let route = route.map_err(ApiError::from)?;
     if !is_read {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -146,8 +165,11 @@ async fn dispatch<B>(
         ));
     }
     let query = query_pairs(req.uri().query());
+    if let Some(access) = &app.access {
+        auth::gate(app, access, req, route, &query, log).await?;
+    }
     let headers = req.headers();
-    let mut resp = match &route {
+    let mut resp = match route {
         Route::Base => api::base(),
         Route::Manifest { name, reference } => {
             api::manifest(app, method, headers, &query, name, reference, log).await?
@@ -180,6 +202,10 @@ async fn dispatch<B>(
             .await?
         }
         Route::Upload => return Err(ApiError::unsupported()),
+        Route::Token => match &app.access {
+            Some(access) => token::token(app, access, req, &query, log).await?,
+            None => return Err(route::Error::NotFound.into()),
+        },
         Route::Metrics => metrics(app),
         Route::Healthz => text(StatusCode::OK, "ok\n"),
         Route::Readyz if app.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
@@ -245,6 +271,9 @@ fn error_response(e: &ApiError) -> Response<Body> {
     );
     if let Some(ra) = &e.retry_after {
         h.insert(header::RETRY_AFTER, ra.clone());
+    }
+    if let Some(challenge) = &e.challenge {
+        h.insert(header::WWW_AUTHENTICATE, (**challenge).clone());
     }
     resp
 }

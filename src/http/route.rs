@@ -31,6 +31,8 @@ pub enum Route {
     Readyz,
     /// `/admin/credentials`, when `credentials.admin_endpoint` is on.
     AdminCredentials,
+    /// `/token`: the registry token endpoint (when access control is on).
+    Token,
 }
 
 impl Route {
@@ -47,6 +49,7 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::AdminCredentials => "admin",
+            Route::Token => "token",
         }
     }
 }
@@ -69,6 +72,7 @@ pub fn parse(path: &str) -> Result<Route, Error> {
         "/healthz" => return Ok(Route::Healthz),
         "/readyz" => return Ok(Route::Readyz),
         "/admin/credentials" => return Ok(Route::AdminCredentials),
+        "/token" => return Ok(Route::Token),
         "/v2" | "/v2/" => return Ok(Route::Base),
         _ => {}
     }

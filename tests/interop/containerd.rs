@@ -108,6 +108,36 @@ impl Containerd {
         );
     }
 
+    /// `ctr images pull` like [`Containerd::pull`], whatever its outcome: (success, stderr).
+    pub fn try_pull(&self, hosts_dir: &Path, reference: &str, platform: &str) -> (bool, String) {
+        self.try_pull_as(None, hosts_dir, reference, platform)
+    }
+
+    /// [`Containerd::try_pull`] with `--user USER:PASSWORD`, which containerd uses for the
+    /// registry token flow.
+    pub fn try_pull_as(
+        &self,
+        user: Option<&str>,
+        hosts_dir: &Path,
+        reference: &str,
+        platform: &str,
+    ) -> (bool, String) {
+        let mut cmd = self.ctr();
+        if let Some(user) = user {
+            cmd.args(["images", "pull", "--user", user]);
+        } else {
+            cmd.args(["images", "pull"]);
+        }
+        let out = crate::process::try_run(
+            cmd.args(["--snapshotter", "native", "--platform", platform])
+                .arg("--hosts-dir")
+                .arg(hosts_dir)
+                .arg(reference),
+            COMMAND_TIMEOUT,
+        );
+        (out.status.success(), out.stderr)
+    }
+
     /// The digest `ctr images ls` reports for `reference` (the manifest or index it points to).
     pub fn image_digest(&self, reference: &str) -> String {
         let listing = run(self.ctr().args(["images", "ls"]), COMMAND_TIMEOUT).stdout_text();
@@ -162,5 +192,34 @@ pub fn write_hosts_dir(dir: &Path, registry: &Registry, mirror: &Mirror) -> Path
             mirror = mirror.addr,
         ),
     );
+    dir.to_owned()
+}
+
+/// Like [`write_hosts_dir`], for a mirror serving HTTPS with a certificate from `ca_file`, sent
+/// a static `Authorization` header (hosts.toml cannot hold a user name and password for a
+/// mirror, so a pull token is how a node authenticates). An empty `authorization` sends none.
+pub fn write_secure_hosts_dir(
+    dir: &Path,
+    registry: &Registry,
+    mirror: &Mirror,
+    ca_file: &Path,
+    authorization: &str,
+) -> PathBuf {
+    let host_dir = dir.join(&registry.addr);
+    fs::create_dir_all(&host_dir).expect("creating the hosts.toml directory");
+    let mut text = format!(
+        "server = \"https://{registry}\"\n\n\
+         [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
+        registry = registry.addr,
+        mirror = mirror.addr,
+        ca = ca_file.display(),
+    );
+    if !authorization.is_empty() {
+        text.push_str(&format!(
+            "  [host.\"https://{mirror}\".header]\n    Authorization = \"{authorization}\"\n",
+            mirror = mirror.addr,
+        ));
+    }
+    write(&host_dir.join("hosts.toml"), text);
     dir.to_owned()
 }

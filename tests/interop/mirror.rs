@@ -66,6 +66,23 @@ impl Mirror {
         Mirror { addr, daemon }
     }
 
+    /// [`Mirror::start`] with more top-level config (`tls:`, `access:` sections).
+    pub fn start_with_extra(
+        dir: &Path,
+        run: &str,
+        cache_dir: &Path,
+        registry: &Registry,
+        tls: &Tls,
+        default_upstream: DefaultUpstream,
+        extra_config: &str,
+    ) -> Mirror {
+        let config = write_config(dir, run, cache_dir, registry, tls, default_upstream, false);
+        let mut text = std::fs::read_to_string(&config).expect("reading the config just written");
+        text.push_str(extra_config);
+        write(&config, text);
+        Mirror::start_with(dir, run, &config)
+    }
+
     /// Starts regcache with `config` (YAML; it must listen on 127.0.0.1:0 and log JSON), saved
     /// as `<dir>/regcache-<run>.yaml`.
     pub fn start_with_config(dir: &Path, run: &str, config: &str) -> Mirror {

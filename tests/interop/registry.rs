@@ -21,8 +21,9 @@ pub struct Tls {
     pub ca_file: PathBuf,
     /// A directory holding only `ca.crt`, for containers/image's `--cert-dir`.
     pub cert_dir: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    /// The server certificate and key (for 127.0.0.1 and localhost).
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Tls {

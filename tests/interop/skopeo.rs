@@ -22,13 +22,17 @@ pub struct Skopeo {
 pub enum Source<'a> {
     Registry(&'a Registry, &'a Tls),
     Mirror(&'a Mirror),
+    /// The mirror over HTTPS (trusting the test CA), with skopeo's credential flags as given
+    /// (`--src-creds=...`, `--src-registry-token=...`, `--src-no-creds`; `src-` is replaced by
+    /// the command's prefix).
+    SecureMirror(&'a Mirror, &'a Tls, Vec<String>),
 }
 
 impl Source<'_> {
     fn host(&self) -> &str {
         match self {
             Source::Registry(registry, _) => &registry.addr,
-            Source::Mirror(mirror) => &mirror.addr,
+            Source::Mirror(mirror) | Source::SecureMirror(mirror, _, _) => &mirror.addr,
         }
     }
 
@@ -43,6 +47,15 @@ impl Source<'_> {
                 format!("--{prefix}tls-verify=false"),
                 format!("--{prefix}no-creds"),
             ],
+            Source::SecureMirror(_, tls, creds) => {
+                let mut flags = vec![format!("--{prefix}cert-dir={}", tls.cert_dir.display())];
+                flags.extend(
+                    creds
+                        .iter()
+                        .map(|f| f.replacen("--src-", &format!("--{prefix}"), 1)),
+                );
+                flags
+            }
         }
     }
 }
@@ -143,6 +156,16 @@ impl Skopeo {
         }
         cmd.args(src_flags).arg(src).arg(dest);
         run(&mut cmd, COMMAND_TIMEOUT);
+    }
+
+    /// `skopeo inspect --raw` whatever its outcome: (success, stderr).
+    pub fn try_inspect(&self, source: &Source, reference: &str) -> (bool, String) {
+        let mut cmd = self.command();
+        cmd.args(["inspect", "--raw"])
+            .args(source.flags(""))
+            .arg(format!("docker://{}/{reference}", source.host()));
+        let out = crate::process::try_run(&mut cmd, COMMAND_TIMEOUT);
+        (out.status.success(), out.stderr)
     }
 
     /// The manifest or index bytes exactly as `source` serves them for `reference`.

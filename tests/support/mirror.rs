@@ -41,6 +41,8 @@ pub struct MirrorBuilder {
     credential_files: Vec<PathBuf>,
     credentials_admin: bool,
     limits: Vec<(String, String)>,
+    access: Option<String>,
+    tls: Option<String>,
 }
 
 impl MirrorBuilder {
@@ -58,6 +60,8 @@ impl MirrorBuilder {
             credential_files: Vec::new(),
             credentials_admin: false,
             limits: Vec::new(),
+            access: None,
+            tls: None,
         }
     }
 
@@ -151,6 +155,18 @@ impl MirrorBuilder {
         self
     }
 
+    /// The `access:` section, as YAML indented by two spaces under it.
+    pub fn access(mut self, yaml: &str) -> MirrorBuilder {
+        self.access = Some(yaml.to_owned());
+        self
+    }
+
+    /// The `tls:` section, as YAML indented by two spaces under it.
+    pub fn tls(mut self, yaml: &str) -> MirrorBuilder {
+        self.tls = Some(yaml.to_owned());
+        self
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.dir
     }
@@ -214,6 +230,14 @@ impl MirrorBuilder {
                     q(pass)
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            yaml.push_str("tls:\n");
+            yaml.push_str(tls);
+        }
+        if let Some(access) = &self.access {
+            yaml.push_str("access:\n");
+            yaml.push_str(access);
         }
         yaml
     }
