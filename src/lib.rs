@@ -138,11 +138,27 @@ pub async fn serve(
         shutdown_timeout: config.server.shutdown_timeout,
     };
     let shutdown_timeout = limits.shutdown_timeout;
+    // One deadline for the whole shutdown: finishing responses, then storing downloads.
+    let began = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let began = began.clone();
+        async move {
+            shutdown.await;
+            let _ = began.set(tokio::time::Instant::now());
+        }
+    };
     match tls {
         Some(tls) => http::tls::run(listener, app.clone(), limits, tls, shutdown).await,
         None => http::server::run(listener, app.clone(), limits, shutdown).await,
     }
-    app.cache.drain(shutdown_timeout).await;
+    let spent = began
+        .get()
+        .map_or(std::time::Duration::ZERO, |t: &tokio::time::Instant| {
+            t.elapsed()
+        });
+    app.cache
+        .drain(shutdown_timeout.saturating_sub(spent))
+        .await;
     if let Some(watch) = file_watch {
         watch.abort();
     }

@@ -452,6 +452,26 @@ impl GrowingReader {
         }
     }
 
+    /// Waits until the whole download is verified and returns its file: for a client that must
+    /// be given a length up front (HTTP/1.0) when the upstream announced none.
+    pub async fn verified_region(&mut self) -> std::io::Result<Region> {
+        let size = self
+            .wait_verified(|_| {})
+            .await
+            .map_err(std::io::Error::other)?;
+        let file = self
+            .flight
+            .file
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the download has no file"))?;
+        self.pos = size;
+        Ok(Region {
+            file,
+            start: 0,
+            end: size,
+        })
+    }
+
     /// The next chunk, `None` at the verified end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
         let region = match self.next_piece(READ_CHUNK as u64).await? {

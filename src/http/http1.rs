@@ -14,6 +14,7 @@
 //! is closed instead of being drained.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -43,6 +44,8 @@ const MAX_HEADERS: usize = 100;
 const COALESCE: usize = 64 * 1024;
 /// Most bytes handed to one `sendfile` call; the socket's buffer bounds it further.
 const MAX_SENDFILE: u64 = 16 << 20;
+/// Longest a write may wait for the client to read before the connection is given up.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 /// How long, and how many bytes, a closing connection keeps reading what the client still sends.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
@@ -87,8 +90,16 @@ pub async fn serve(
         let version = request.version();
         let resp = super::handle(app.clone(), request).await;
         let keep = keep_alive && !has_body && !stop.is_cancelled();
-        let keep =
-            write_response(&mut stream, &mut out, resp, (version, is_head), keep, &app).await?;
+        let written =
+            write_response(&mut stream, &mut out, resp, (version, is_head), keep, &app).await;
+        let keep = match written {
+            Ok(keep) => keep,
+            Err(e) => {
+                // A body that failed must never look complete: a reset, not a clean close.
+                reset_on_close(&stream);
+                return Err(e);
+            }
+        };
         if !keep {
             return linger_close(stream).await;
         }
@@ -158,8 +169,9 @@ async fn read_head(
         }
         let idle = buf.is_empty();
         let read = tokio::select! {
-            // Shutdown closes connections between requests, never in the middle of one.
-            _ = stop.cancelled(), if idle => return Ok(Head::Closed),
+            // Shutdown closes connections waiting for a request (or the rest of its head);
+            // responses under way finish.
+            _ = stop.cancelled() => return Ok(Head::Closed),
             read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => read,
         };
         match read {
@@ -210,7 +222,9 @@ fn parse(buf: &mut BytesMut) -> Result<Option<Parsed>, StatusCode> {
         let n: u64 = value
             .to_str()
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
             .ok_or(bad)?;
         has_body |= n > 0;
     }
@@ -281,9 +295,21 @@ async fn write_response(
     } else if let Some(region) = parts.extensions.remove::<FileRegion>() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(region.len()));
         Framing::File(region)
-    } else if let Some(reader) = (version == Version::HTTP_11 || declared_length(headers).is_some())
-        .then(|| parts.extensions.remove::<GrowingFile>())
-        .flatten()
+    } else if let Some(mut reader) = (version == Version::HTTP_10
+        && declared_length(headers).is_none())
+    .then(|| parts.extensions.remove::<GrowingFile>())
+    .flatten()
+    .and_then(|g| g.take())
+    {
+        // An HTTP/1.0 client knows a body is whole only by its length, and the upstream gave
+        // none: wait for the verified download, then send it with its length. Ending a
+        // close-delimited body early would look like success to such a client.
+        let region = reader.verified_region().await?;
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(region.len()));
+        Framing::File(region)
+    } else if let Some(reader) = parts
+        .extensions
+        .remove::<GrowingFile>()
         .and_then(|g| g.take())
     {
         match declared_length(headers) {
@@ -313,6 +339,8 @@ async fn write_response(
     };
     if !keep {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    } else if version == Version::HTTP_10 {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
     if !headers.contains_key(header::DATE) {
         headers.insert(header::DATE, http_date());
@@ -334,18 +362,30 @@ async fn write_response(
 
     match framing {
         Framing::None => {
-            stream.write_all(out).await?;
+            stalls(stream.write_all(out)).await?;
         }
         Framing::File(region) => {
-            stream.write_all(out).await?;
+            stalls(stream.write_all(out)).await?;
             send_file(stream, &region, app, "cache").await?;
         }
         Framing::Growing(mut reader, length) => {
-            stream.write_all(out).await?;
+            stalls(stream.write_all(out)).await?;
             out.clear();
             let chunked = length.is_none();
             let mut sent = 0u64;
-            while let Some(piece) = reader.next_piece(MAX_SENDFILE).await {
+            loop {
+                // Waiting for the download: a client that leaves meanwhile ends the response
+                // now, not when the next bytes arrive.
+                let piece = tokio::select! {
+                    piece = reader.next_piece(MAX_SENDFILE) => piece,
+                    () = client_closed(stream) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "the client left while its download was waiting",
+                        ));
+                    }
+                };
+                let Some(piece) = piece else { break };
                 // A failed download ends the connection without a clean end of body.
                 let piece = piece?;
                 let len = match &piece {
@@ -353,19 +393,19 @@ async fn write_response(
                     Piece::Bytes(bytes) => bytes.len() as u64,
                 };
                 if chunked {
-                    stream.write_all(format!("{len:x}\r\n").as_bytes()).await?;
+                    stalls(stream.write_all(format!("{len:x}\r\n").as_bytes())).await?;
                 }
                 match &piece {
                     Piece::File(region) => send_file(stream, region, app, "").await?,
-                    Piece::Bytes(bytes) => stream.write_all(bytes).await?,
+                    Piece::Bytes(bytes) => stalls(stream.write_all(bytes)).await?,
                 }
                 if chunked {
-                    stream.write_all(b"\r\n").await?;
+                    stalls(stream.write_all(b"\r\n")).await?;
                 }
                 sent += len;
             }
             if chunked {
-                stream.write_all(b"0\r\n\r\n").await?;
+                stalls(stream.write_all(b"0\r\n\r\n")).await?;
             } else if length != Some(sent) {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -374,7 +414,7 @@ async fn write_response(
             }
         }
         Framing::Length(n) => {
-            let written = write_body(stream, out, &mut body, false).await?;
+            let written = write_body(stream, out, &mut body, false, Some(n)).await?;
             if written != n {
                 // The client was promised `n` bytes; only closing tells it the body is cut.
                 return Err(io::Error::new(
@@ -384,10 +424,10 @@ async fn write_response(
             }
         }
         Framing::Chunked => {
-            write_body(stream, out, &mut body, true).await?;
+            write_body(stream, out, &mut body, true, None).await?;
         }
         Framing::UntilClose => {
-            write_body(stream, out, &mut body, false).await?;
+            write_body(stream, out, &mut body, false, None).await?;
         }
     }
     Ok(keep)
@@ -411,6 +451,7 @@ async fn write_body(
     out: &mut Vec<u8>,
     body: &mut Body,
     chunked: bool,
+    limit: Option<u64>,
 ) -> io::Result<u64> {
     let mut written = 0u64;
     loop {
@@ -418,7 +459,7 @@ async fn write_body(
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
-                    stream.write_all(out).await?;
+                    stalls(stream.write_all(out)).await?;
                     out.clear();
                 }
                 body.frame().await
@@ -436,15 +477,19 @@ async fn write_body(
             continue;
         }
         written += data.len() as u64;
+        if limit.is_some_and(|n| written > n) {
+            // More than announced would be read as the start of the next response.
+            return Err(io::Error::other("response body longer than announced"));
+        }
         if chunked {
             out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
         }
         if out.len() + data.len() <= COALESCE {
             out.extend_from_slice(&data);
         } else {
-            stream.write_all(out).await?;
+            stalls(stream.write_all(out)).await?;
             out.clear();
-            stream.write_all(&data).await?;
+            stalls(stream.write_all(&data)).await?;
         }
         if chunked {
             out.extend_from_slice(b"\r\n");
@@ -454,7 +499,7 @@ async fn write_body(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        stream.write_all(out).await?;
+        stalls(stream.write_all(out)).await?;
         out.clear();
     }
     Ok(written)
@@ -478,7 +523,7 @@ async fn send_file(
     let mut left = region.len();
     while left > 0 {
         let count = left.min(MAX_SENDFILE) as usize;
-        stream.writable().await?;
+        stalls(stream.writable()).await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
             // SAFETY: `socket` and `file` are descriptors owned by `stream` and `region.file`,
             // both borrowed for the whole call, and `offset` is a live `off_t` the kernel
@@ -509,6 +554,48 @@ async fn send_file(
         }
     }
     Ok(())
+}
+
+/// Runs one write that must make progress within [`WRITE_STALL`]: a client that stops reading
+/// gives its connection (and its file and download) back instead of holding them forever.
+async fn stalls<T>(write: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    match tokio::time::timeout(WRITE_STALL, write).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for too long",
+        )),
+    }
+}
+
+/// Resolves when the client has closed its side (or the connection broke). Bytes it sent ahead
+/// (a pipelined request) are left for the next read, and watching stops.
+async fn client_closed(stream: &TcpStream) {
+    let mut probe = [0u8; 1];
+    match stream.peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Makes the next close of `stream` a reset (`SO_LINGER` 0), which no client takes for the
+/// clean end of a body.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `stream` owns a valid socket descriptor for the duration of the call, and the
+    // option value points to a live `linger` of the size passed.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 thread_local! {

@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::{cache_dir, get_blob, mirror_for, within};
-use crate::support::fake_upstream::{FakeUpstream, Image, sha256_digest};
+use reqwest::StatusCode;
+
+use crate::support::fake_upstream::{FakeUpstream, Fault, Image, sha256_digest};
 
 /// One response read off a raw connection.
 struct RawResponse {
@@ -254,5 +256,75 @@ async fn malformed_and_oversized_request_heads_are_refused() {
     let mut raw = Raw::connect(mirror.addr()).await;
     raw.send(b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n").await;
     assert_eq!(raw.response(false).await.status, 200);
+    mirror.stop().await;
+}
+
+/// Everything the mirror sends on a raw connection until it closes or resets it.
+async fn read_to_end(raw: &mut Raw) -> Vec<u8> {
+    while raw.fill().await {}
+    std::mem::take(&mut raw.buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_without_a_length_reaches_http_1_0_clients_whole_and_verified() {
+    let image = Image::new(1, 200 * 1024);
+    let layer = image.layers[0].clone();
+    let up = FakeUpstream::builder()
+        .image("team/app", "v1", &image)
+        .fault(Fault::on_blob(&layer.digest).without_length())
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mirror = mirror_for(&up, &dir).start().await;
+
+    let mut raw = Raw::connect(mirror.addr()).await;
+    let request = format!("GET /v2/team/app/blobs/{} HTTP/1.0\r\n\r\n", layer.digest);
+    raw.send(request.as_bytes()).await;
+    let response = raw.response(false).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-length"),
+        Some(layer.size().to_string().as_str()),
+        "an HTTP/1.0 client is told the length, so it can tell a whole body from a cut one"
+    );
+    assert_eq!(sha256_digest(&response.body), layer.digest);
+    mirror.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_download_without_a_length_never_looks_whole_to_any_client() {
+    let image = Image::new(1, 200 * 1024);
+    let layer = image.layers[0].clone();
+    let up = FakeUpstream::builder()
+        .image("team/app", "v1", &image)
+        .fault(Fault::on_blob(&layer.digest).without_length())
+        .fault(Fault::on_blob(&layer.digest).wrong_bytes())
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mirror = mirror_for(&up, &dir).attempts(1).start().await;
+    let path = format!("/v2/team/app/blobs/{}", layer.digest);
+    let corrupt: Vec<u8> = layer.bytes.iter().map(|b| !b).collect();
+
+    // HTTP/1.0: the end of the connection would end the body, so nothing may be sent unverified.
+    let mut raw = Raw::connect(mirror.addr()).await;
+    raw.send(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await;
+    let received = read_to_end(&mut raw).await;
+    let whole_200 = received.starts_with(b"HTTP/1.1 200") && received.ends_with(&corrupt);
+    assert!(
+        !whole_200,
+        "an HTTP/1.0 client received the corrupt blob as a complete answer"
+    );
+
+    // HTTP/1.1: chunked, and the body ends with an error instead of its last chunk.
+    let response = mirror.get(&path).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let received = super::read_until_end_or_error(response).await;
+    assert!(
+        received.error.is_some(),
+        "the chunked body of a corrupt download ends with an error"
+    );
+    assert!(mirror.metric("regcache_digest_mismatches_total", &[]).await >= 1.0);
     mirror.stop().await;
 }

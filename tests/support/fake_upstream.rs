@@ -366,6 +366,12 @@ impl Target {
         self.fault(Action::WrongBytes)
     }
 
+    /// Send the body without `Content-Length` (chunked), as registries behind some proxies and
+    /// CDNs do, so the client learns the size only at the end.
+    pub fn without_length(self) -> Fault {
+        self.fault(Action::WithoutLength)
+    }
+
     /// Wait this long before sending the response headers.
     pub fn delay(self, delay: Duration) -> Fault {
         self.fault(Action::Delay(delay))
@@ -402,6 +408,7 @@ enum Action {
     ResetAfter(u64),
     WrongBytes,
     Throttle { chunk: usize, every: Duration },
+    WithoutLength,
 }
 
 /// At most one fault of each kind applies to a request.
@@ -412,6 +419,7 @@ enum Kind {
     Corrupt,
     Reset,
     Throttle,
+    Framing,
 }
 
 impl Action {
@@ -422,6 +430,7 @@ impl Action {
             Action::ResetAfter(_) => Kind::Reset,
             Action::WrongBytes => Kind::Corrupt,
             Action::Throttle { .. } => Kind::Throttle,
+            Action::WithoutLength => Kind::Framing,
         }
     }
 }
@@ -510,6 +519,7 @@ struct Chosen {
     corrupt: bool,
     reset_after: Option<u64>,
     throttle: Option<(usize, Duration)>,
+    without_length: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -684,6 +694,7 @@ impl State {
                 Action::WrongBytes => chosen.corrupt = true,
                 Action::ResetAfter(n) => chosen.reset_after = Some(n),
                 Action::Throttle { chunk, every } => chosen.throttle = Some((chunk, every)),
+                Action::WithoutLength => chosen.without_length = true,
             }
         }
         self.faults.retain(|f| f.remaining != Some(0));
@@ -1270,8 +1281,9 @@ fn respond(shared: &Arc<Shared>, request: &Inbound<'_>) -> (Option<Duration>, Re
                 let body_faults = state.choose_faults(
                     request.method,
                     request.path,
-                    &[Kind::Corrupt, Kind::Reset, Kind::Throttle],
+                    &[Kind::Corrupt, Kind::Reset, Kind::Throttle, Kind::Framing],
                 );
+                chosen.without_length = body_faults.without_length;
                 chosen.corrupt = body_faults.corrupt;
                 chosen.reset_after = body_faults.reset_after;
                 chosen.throttle = body_faults.throttle;
@@ -1304,6 +1316,9 @@ impl Payload {
         });
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
+        if chosen.without_length {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         response
     }
 }
