@@ -40,6 +40,9 @@ struct State {
     secrets: BTreeMap<String, StoredSecret>,
     resource_version: u64,
     requests: Vec<String>,
+    /// Every change so far, so a watch starting at an older resourceVersion gets what it
+    /// missed, as the API server replays it.
+    history: Vec<(String, String, StoredSecret)>,
 }
 
 struct Shared {
@@ -74,6 +77,7 @@ impl FakeKube {
                 secrets: BTreeMap::new(),
                 resource_version: 1,
                 requests: Vec::new(),
+                history: Vec::new(),
             }),
             events,
         });
@@ -131,10 +135,9 @@ impl FakeKube {
             "ADDED"
         };
         state.secrets.insert(name.to_owned(), secret.clone());
-        let _ = self
-            .shared
-            .events
-            .send((kind.to_owned(), name.to_owned(), secret));
+        let event = (kind.to_owned(), name.to_owned(), secret);
+        state.history.push(event.clone());
+        let _ = self.shared.events.send(event);
     }
 
     pub fn delete_secret(&self, name: &str) {
@@ -142,10 +145,9 @@ impl FakeKube {
         state.resource_version += 1;
         if let Some(mut secret) = state.secrets.remove(name) {
             secret.resource_version = state.resource_version;
-            let _ = self
-                .shared
-                .events
-                .send(("DELETED".to_owned(), name.to_owned(), secret));
+            let event = ("DELETED".to_owned(), name.to_owned(), secret);
+            state.history.push(event.clone());
+            let _ = self.shared.events.send(event);
         }
     }
 
@@ -248,11 +250,22 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // Subscribed under the state lock: nothing changes between the replay and the live events.
     let mut receiver = shared.events.subscribe();
+    let mut missed: std::collections::VecDeque<_> = state
+        .history
+        .iter()
+        .filter(|(_, _, s)| s.resource_version > since)
+        .cloned()
+        .collect();
     drop(state);
     let stream = async_stream(move |tx: tokio::sync::mpsc::Sender<Bytes>| async move {
         loop {
-            match receiver.recv().await {
+            let next = match missed.pop_front() {
+                Some(event) => Ok(event),
+                None => receiver.recv().await,
+            };
+            match next {
                 Ok((kind, name, secret)) => {
                     if secret.resource_version <= since || !selected(&query, &name, &secret) {
                         continue;
