@@ -142,6 +142,8 @@ pub struct ServerConfig {
     /// Time a client has to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Serve other machines over plain HTTP (no `tls`). Loopback listeners never need it.
+    pub plain_http: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -242,6 +244,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             shutdown_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(30),
+            plain_http: false,
         }
     }
 }
@@ -303,7 +306,34 @@ impl Config {
 
     /// Checks everything serde cannot, naming the key and the reason.
     pub fn validate(&self) -> Result<(), Error> {
-        self.listen_addr()?;
+        let addr = self.listen_addr()?;
+        // Serving other machines is an operator's explicit choice, twice over: how (TLS, or
+        // plain HTTP said out loud) and to whom (access rules; public pull is a rule too).
+        if !addr.ip().is_loopback() {
+            if self.tls.cert_file.is_none() && !self.server.plain_http {
+                return Err(invalid(
+                    "server.plain_http",
+                    format!(
+                        "listen `{}` serves other machines: give it a certificate \
+                         (tls.cert_file, tls.key_file), or set server.plain_http: true to serve \
+                         them plain HTTP",
+                        self.listen
+                    ),
+                ));
+            }
+            if !self.access.enabled {
+                return Err(invalid(
+                    "access.enabled",
+                    format!(
+                        "listen `{}` serves other machines, and without access control anyone \
+                         reaching it could pull through it: set access.enabled: true with rules \
+                         (an `anonymous` rule limited to the client networks, if that is what \
+                         you want)",
+                        self.listen
+                    ),
+                ));
+            }
+        }
         if self.cache.dir.as_os_str().is_empty() {
             return Err(invalid("cache.dir", "must not be empty"));
         }
@@ -475,6 +505,20 @@ upstreams:
             Ok(_) => panic!("config should be refused:\n{yaml}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn serving_other_machines_needs_a_transport_and_access_rules_said_out_loud() {
+        let open = "listen: 0.0.0.0:5000\n";
+        assert!(refused(open).contains("server.plain_http"));
+        let plain = "listen: 0.0.0.0:5000\nserver: {plain_http: true}\n";
+        assert!(refused(plain).contains("access.enabled"));
+        let ruled = "listen: 0.0.0.0:5000\nserver: {plain_http: true}\naccess:\n  enabled: true\n  \
+                     rules: [{who: [anonymous], networks: [10.0.0.0/8], repositories: ['**']}]\n";
+        assert!(Config::from_yaml(ruled).is_ok());
+        // Loopback is this machine only: the embedded defaults need neither.
+        assert!(Config::from_yaml("listen: 127.0.0.1:5000\n").is_ok());
+        assert!(Config::from_yaml("listen: '[::1]:5000'\n").is_ok());
     }
 
     #[test]

@@ -391,7 +391,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let (rows, errors) = regcache::credentials::load_and_list(&config);
+            let listed = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(regcache::credentials::load_and_list_all(&config)));
+            let (rows, errors) = match listed {
+                Ok(listed) => listed,
+                Err(e) => {
+                    eprintln!("regcache: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             if json {
                 for row in &rows {
                     println!("{}", row.to_json(show_sensitive_info));

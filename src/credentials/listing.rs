@@ -118,6 +118,43 @@ pub fn load_and_list(config: &Config) -> (Vec<Listed>, Vec<(String, String)>) {
     (list(config, &set), set.errors())
 }
 
+/// As [`load_and_list`], plus the Secrets read through the Kubernetes API when that source is
+/// on (one list, waited for up to ten seconds), so the command shows what the server would use.
+pub async fn load_and_list_all(config: &Config) -> (Vec<Listed>, Vec<(String, String)>) {
+    let set = std::sync::Arc::new(Credentials::new(
+        &config.credentials,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    ));
+    set.reload();
+    let mut api_errors = Vec::new();
+    if config.credentials.kubernetes.enabled {
+        match super::kubernetes::client(&config.credentials.kubernetes).await {
+            Ok((client, namespace)) => {
+                let mut watches = super::kubernetes::watch(
+                    &set,
+                    client,
+                    &namespace,
+                    &config.credentials.kubernetes,
+                );
+                if !watches
+                    .wait_listed(std::time::Duration::from_secs(10))
+                    .await
+                {
+                    api_errors.push((
+                        format!("kubernetes:{namespace}"),
+                        "the Secrets were not listed within 10s".to_owned(),
+                    ));
+                }
+                watches.abort();
+            }
+            Err(e) => api_errors.push(("kubernetes".to_owned(), e.to_string())),
+        }
+    }
+    let mut errors = set.errors();
+    errors.extend(api_errors);
+    (list(config, &set), errors)
+}
+
 /// The rows as an aligned text table; values masked unless `show_sensitive`.
 pub fn render_table(rows: &[Listed], show_sensitive: bool) -> String {
     let header = [

@@ -27,7 +27,7 @@ pub use crate::config::Secret;
 use crate::metrics::Metrics;
 pub use dockerconfig::{Credential, Entry, Format, ParseError};
 pub use key::{KeyError, RegistryKey};
-pub use listing::{Listed, list, load_and_list, render_table, upstream_hosts};
+pub use listing::{Listed, list, load_and_list, load_and_list_all, render_table, upstream_hosts};
 use source::Source;
 
 /// How long a credential that a reload replaced or removed may still be tried, once, when the

@@ -308,4 +308,29 @@ async fn regcache_serve_pulls_with_credentials_from_the_api_and_follows_an_updat
             .iter()
             .any(|r| r.starts_with(&format!("/api/v1/namespaces/{NAMESPACE}/secrets")))
     );
+
+    // `credentials list` reads the same Secrets through the API, masked.
+    let listed = within(
+        "credentials list",
+        tokio::process::Command::new(binary())
+            .args(["credentials", "list", "--config"])
+            .arg(&config)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("running regcache credentials list");
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(
+        stdout.contains("kubernetes:") && stdout.contains("bot") && stdout.contains("****"),
+        "the API's Secret is listed, masked:\n{stdout}"
+    );
+    assert!(!stdout.contains("api-2"), "the password stays masked");
 }
