@@ -499,6 +499,20 @@ impl Access {
     }
 
     /// The configured external URL, if any.
+    /// Whether `p` is in the `admins` group (`access.groups.admins`), the only identities the
+    /// admin endpoints answer.
+    pub fn is_admin(&self, p: &Principal) -> bool {
+        self.policy.is_admin(&p.identity)
+    }
+
+    /// Whether `user` is a user of the htpasswd file: only known names are worth logging after
+    /// a failed login (a client may have typed its password, or a token, into the name).
+    pub fn knows_user(&self, user: &str) -> bool {
+        self.htpasswd
+            .as_ref()
+            .is_some_and(|file| file.get().contains(user))
+    }
+
     pub fn external_url(&self) -> Option<&str> {
         self.external_url.as_deref()
     }

@@ -187,6 +187,11 @@ impl Policy {
         })
     }
 
+    /// Members of the `admins` group may use the admin endpoints.
+    pub fn is_admin(&self, id: &Identity) -> bool {
+        self.in_group("admins", id)
+    }
+
     fn in_group(&self, group: &str, id: &Identity) -> bool {
         self.groups
             .get(group)

@@ -19,8 +19,9 @@ pub struct CredentialsAdmin {
 }
 
 /// Whether `req` may use the admin endpoints beyond what the access gate (`http::auth::gate`)
-/// already decided: with access control on, only authenticated identities reach this point;
-/// with it off, anyone who can reach the listener once `credentials.admin_endpoint` is on.
+/// already decided: with access control on, only members of `access.groups.admins` reach this
+/// point; with it off, anyone who can reach the listener (loopback only, as configuration
+/// validation requires) once `credentials.admin_endpoint` is on.
 pub fn allowed<B>(_req: &Request<B>) -> bool {
     true
 }

@@ -121,7 +121,9 @@ pub async fn authenticate<B>(
             .map(HeaderValue::as_bytes),
     );
     let user_hint = match &creds {
-        Credentials::Basic { user, password } if !password.starts_with("rcp_") => {
+        Credentials::Basic { user, password }
+            if !password.starts_with("rcp_") && access.knows_user(user) =>
+        {
             Some(user.clone())
         }
         _ => None,
@@ -137,7 +139,8 @@ pub async fn authenticate<B>(
             Ok(p)
         }
         Ok(p) => {
-            access.lockout().success(ip);
+            // A success does not clear the address's failures: one valid credential must not
+            // let the guessing of others go on unchecked.
             log.identity = Some(p.identity.to_string());
             Ok(p)
         }
@@ -210,9 +213,20 @@ pub async fn gate<B>(
     if principal.is_anonymous() && !access.may_pull_anything(&principal, ip) {
         return Err(unauthorized(log, None));
     }
-    // The admin endpoints answer authenticated identities only, never anonymous pullers.
-    if matches!(route, Route::AdminCredentials) && principal.is_anonymous() {
-        return Err(unauthorized(log, None));
+    // The admin endpoints answer members of `access.groups.admins` only.
+    if matches!(route, Route::AdminCredentials) {
+        if principal.is_anonymous() {
+            return Err(unauthorized(log, None));
+        }
+        if !access.is_admin(&principal) {
+            app.metrics
+                .auth_refused
+                .with_label_values(&["denied"])
+                .inc();
+            log.refused = Some("denied");
+            return Err(denied());
+        }
+        tracing::info!(target: "regcache::audit", event = "admin", identity = %principal.identity, client = %ip, "admin endpoint used");
     }
     let Some(name) = name else {
         return Ok(());

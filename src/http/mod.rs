@@ -107,14 +107,31 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         span.clone(),
     )
     .await;
-    let response = match result {
+    let mut response = match result {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     };
+    if method == Method::HEAD {
+        // No HEAD answer carries a body, errors included (HTTP/2 clients reset a stream that
+        // sends one); the headers stay those of the GET.
+        *response.body_mut() = body::empty();
+    }
     let status = response.status();
+    // Methods outside the protocol's are counted together: a label must not grow with what
+    // clients make up.
+    let method_label = match method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     app.metrics
         .http_requests
-        .with_label_values(&[kind, method.as_str(), status.as_str()])
+        .with_label_values(&[kind, method_label, status.as_str()])
         .inc();
     app.metrics
         .http_duration

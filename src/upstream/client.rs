@@ -567,7 +567,12 @@ impl Upstream {
             };
             let status = resp.status();
             self.count(status.as_str());
-            if status == StatusCode::UNAUTHORIZED && !answered_challenge {
+            // A challenge counts only from the registry itself: a 401 from a host it redirected
+            // to (a blob CDN) must not make us send its credentials to a realm that host names.
+            if status == StatusCode::UNAUTHORIZED
+                && !answered_challenge
+                && same_origin(resp.url(), &self.base)
+            {
                 answered_challenge = true;
                 let challenge = resp
                     .headers()
@@ -790,4 +795,13 @@ fn secret_header(value: &str) -> HeaderValue {
     let mut v = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
     v.set_sensitive(true);
     v
+}
+
+/// Whether `url` is on the same scheme, host and port as the upstream's base URL.
+fn same_origin(url: &reqwest::Url, base: &str) -> bool {
+    reqwest::Url::parse(base).is_ok_and(|b| {
+        b.scheme() == url.scheme()
+            && b.host_str() == url.host_str()
+            && b.port_or_known_default() == url.port_or_known_default()
+    })
 }

@@ -545,3 +545,52 @@ async fn the_cross_repository_rule_holds_per_identity() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_answers_the_admins_group_only() {
+    let up = FakeUpstream::builder().start().await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
+    let htpasswd = files.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\nops:{hash}\n")).expect("write htpasswd");
+    let q = |s: &str| serde_json::to_string(s).expect("string");
+    let yaml = format!(
+        "  enabled: true\n  htpasswd_file: {}\n  groups:\n    admins: [\"user:ops\"]\n  rules:\n    - who: [user:alice, anonymous]\n      repositories: [\"**\"]\n",
+        q(&htpasswd.to_string_lossy()),
+    );
+    let cache = cache_dir();
+    let mirror = MirrorBuilder::new(cache.path())
+        .upstream(&up.host(), &up.url())
+        .access(&yaml)
+        .credentials_admin_endpoint(true)
+        .start()
+        .await;
+    let get = |auth: Option<String>| {
+        let mut request = mirror
+            .client()
+            .get(format!("{}/admin/credentials", mirror.url()));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let anonymous = within("anonymous", get(None)).await.expect("answers");
+    assert_eq!(
+        anonymous.status(),
+        StatusCode::UNAUTHORIZED,
+        "anonymous pull rights are not admin rights"
+    );
+    let puller = within("alice", get(Some(basic("alice", PASSWORD))))
+        .await
+        .expect("answers");
+    assert_eq!(
+        puller.status(),
+        StatusCode::FORBIDDEN,
+        "a puller is no admin"
+    );
+    let admin = within("ops", get(Some(basic("ops", PASSWORD))))
+        .await
+        .expect("answers");
+    assert_eq!(admin.status(), StatusCode::OK);
+    mirror.stop().await;
+}
