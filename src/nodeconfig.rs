@@ -329,13 +329,42 @@ pub fn write(out: &Path, files: &[File]) -> Result<(), Error> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(fail)?;
         }
+        // A temporary name of its own per run, so two runs at once never write into each
+        // other's file.
         let mut tmp = path.clone().into_os_string();
-        tmp.push(".regcache-tmp");
+        tmp.push(format!(".regcache-tmp-{:016x}", rand::random::<u64>()));
         let tmp = PathBuf::from(tmp);
-        fs::write(&tmp, &file.contents).map_err(fail)?;
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Owner-only when the file carries the mirror's credentials (a static
+            // Authorization header, k3s auth); others stay readable, as podman running
+            // rootless reads registries.conf.d.
+            let mode = if carries_secret(&file.contents) {
+                0o600
+            } else {
+                0o644
+            };
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(fail)?;
+            out.write_all(file.contents.as_bytes()).map_err(fail)?;
+            out.sync_all().map_err(fail)?;
+        }
         fs::rename(&tmp, &path).map_err(fail)?;
     }
     Ok(())
+}
+
+/// Whether rendered contents hold a credential for the mirror: containerd's `Authorization`
+/// header lines, k3s's `auth` block.
+fn carries_secret(contents: &str) -> bool {
+    contents.contains("Authorization")
+        || contents.contains("password:")
+        || contents.contains("auth:")
 }
 
 /// Creates the mirror's cache directory on the node (a hostPath) owned by `uid:gid`, the user

@@ -189,6 +189,20 @@ pub async fn seed(
             failed.insert(line);
             continue;
         }
+        // Verified is not stored: check each blob really is in place (another process that
+        // sweeps `ingest/` while a download is renamed would leave it missing).
+        let missing: Vec<String> = plan
+            .blobs
+            .iter()
+            .filter(|d| !cache.store().has_blob(&d.digest))
+            .map(|d| format!("{}: not in the cache after its download", d.digest))
+            .collect();
+        if !missing.is_empty() {
+            let line = format!("{}: {}", plan.target.canonical, missing.join("; "));
+            progress.note(&format!("failed: {line}"));
+            failed.insert(line);
+            continue;
+        }
         if options.pin {
             let store = cache.store();
             for digest in plan

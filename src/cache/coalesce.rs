@@ -585,6 +585,14 @@ impl GrowingReader {
                 Some(Ok(chunk)) => {
                     relay.hasher.update(&chunk);
                     relay.hashed += chunk.len() as u64;
+                    if size.is_some_and(|s| relay.hashed > s) {
+                        // Longer than announced: nothing more goes out, and the body fails.
+                        relay.ended = true;
+                        relay.held = None;
+                        let reason = "the upstream sent more than the blob's size";
+                        relay.broken = Some(reason);
+                        return Some(Err(std::io::Error::other(reason)));
+                    }
                     if let Some(previous) = relay.held.replace(chunk) {
                         return Some(Ok(self.sent(previous)));
                     }

@@ -44,6 +44,9 @@ const MAX_HEADERS: usize = 100;
 const COALESCE: usize = 64 * 1024;
 /// Most bytes handed to one `sendfile` call; the socket's buffer bounds it further.
 const MAX_SENDFILE: u64 = 16 << 20;
+/// HTTP/2 connections are pinged this often, and closed when a ping goes unanswered this long.
+pub(super) const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub(super) const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a write may wait for the client to read before the connection is given up.
 const WRITE_STALL: Duration = Duration::from_secs(60);
 /// How long, and how many bytes, a closing connection keeps reading what the client still sends.
@@ -640,6 +643,8 @@ async fn serve_h2(
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -194,6 +194,11 @@ impl Store {
     }
 
     /// Opens a verified blob, or `None` when it is not stored.
+    /// Whether `digest` is stored as a blob (a quick check, no handle kept).
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.layout.blob(digest).is_file()
+    }
+
     pub async fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>> {
         let shared = self
             .open
