@@ -56,11 +56,16 @@ pub async fn run(
             limits.header_read_timeout,
             stop.clone(),
         );
+        let all_permits = permits.clone();
+        let max = limits.max_connections;
         connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
+            if all_permits.available_permits() == max {
+                release_free_memory();
+            }
         });
     }
     app.ready.store(false, Ordering::Relaxed);
@@ -71,5 +76,15 @@ pub async fn run(
     tokio::select! {
         _ = connections.wait() => tracing::info!("all connections finished"),
         _ = tokio::time::sleep(limits.shutdown_timeout) => tracing::warn!("shutdown deadline reached; closing remaining connections"),
+    }
+}
+
+/// The last connection closed: hand the allocator's free pages back to the system, so an idle
+/// mirror's memory drops back after a burst of downloads instead of staying at its peak.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the system; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
