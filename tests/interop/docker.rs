@@ -34,6 +34,7 @@ use crate::registry::{PASSWORD, USER};
 /// A proxy nothing listens on (port 9, discard, as the decoy upstream uses): Docker's fallback
 /// to Docker Hub goes through it and fails at once.
 const DEAD_PROXY: &str = "http://127.0.0.1:9";
+const DEAD_PROXY_ADDR: &str = "127.0.0.1:9";
 
 /// The Docker Hub name the tests pull, as users type it: no registry, no `library/`.
 const HUB_IMAGE: &str = "busybox";
@@ -310,13 +311,15 @@ fn unmount_under(dir: &Path) {
     }
 }
 
-/// The sum of the samples of `metric` whose labels include `label` (`kind="blob"`).
-fn metric_with(metrics: &str, metric: &str, label: &str) -> f64 {
+/// The sum of the samples of `metric` whose labels include every one of `labels`
+/// (`kind="blob"`).
+fn metric_with(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
     let matching: String = metrics
         .lines()
         .filter(|line| {
-            line.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+            line.strip_prefix(metric).is_some_and(|rest| {
+                rest.starts_with('{') && labels.iter().all(|label| rest.contains(label))
+            })
         })
         .map(|line| format!("{line}\n"))
         .collect();
@@ -390,7 +393,7 @@ fn docker_pulls_docker_hub_names_through_a_registry_mirror() {
     let metrics = mirror.metrics();
     let amd64 = index.image("amd64");
     // The config and both layers came through the mirror, each fetched from the registry once.
-    let blob_misses = metric_with(&metrics, "regcache_cache_misses_total", "kind=\"blob\"");
+    let blob_misses = metric_with(&metrics, "regcache_cache_misses_total", &["kind=\"blob\""]);
     assert_eq!(
         blob_misses,
         (1 + amd64.layers.len()) as f64,
@@ -399,6 +402,12 @@ fn docker_pulls_docker_hub_names_through_a_registry_mirror() {
     assert!(
         metric_sum(&metrics, "regcache_upstream_requests_total") > 0.0,
         "regcache fetched nothing upstream:\n{metrics}"
+    );
+    // Docker resolved the tag with HEAD and took the answer: no fallback to GET by tag.
+    let head = ["route=\"manifest\"", "method=\"HEAD\"", "status=\"200\""];
+    assert!(
+        metric_with(&metrics, "regcache_http_requests_total", &head) > 0.0,
+        "docker resolved no tag with HEAD:\n{metrics}"
     );
     let seen = &world.registry.requests()[seen_before..];
     assert!(!seen.is_empty(), "the registry saw no request");
@@ -428,17 +437,17 @@ fn docker_pulls_docker_hub_names_through_a_registry_mirror() {
     assert!(docker.image_ids().is_empty(), "`docker rmi` left an image");
     world.registry.stop();
     let upstream_before = metric_sum(&metrics, "regcache_upstream_requests_total");
-    let hits_before = metric_with(&metrics, "regcache_cache_hits_total", "kind=\"blob\"");
+    let hits_before = metric_with(&metrics, "regcache_cache_hits_total", &["kind=\"blob\""]);
     docker.pull(HUB_IMAGE);
     assert_pulled(&docker, &index);
     let metrics = mirror.metrics();
-    let hits = metric_with(&metrics, "regcache_cache_hits_total", "kind=\"blob\"");
+    let hits = metric_with(&metrics, "regcache_cache_hits_total", &["kind=\"blob\""]);
     assert!(
         hits - hits_before >= (1 + amd64.layers.len()) as f64,
         "the second pull's blobs were not cache hits ({hits_before} -> {hits}):\n{metrics}"
     );
     assert_eq!(
-        metric_with(&metrics, "regcache_cache_misses_total", "kind=\"blob\""),
+        metric_with(&metrics, "regcache_cache_misses_total", &["kind=\"blob\""]),
         blob_misses,
         "the second pull missed the cache:\n{metrics}"
     );
@@ -476,6 +485,12 @@ fn docker_pulls_with_access_control_when_a_rule_allows_its_network() {
         "docker pulled from a mirror that refuses its network:\n{}",
         refused.stderr
     );
+    // What the user sees is Docker Hub's failure (through the dead proxy), not the mirror's.
+    assert!(
+        refused.stderr.contains("registry-1.docker.io") && refused.stderr.contains(DEAD_PROXY_ADDR),
+        "docker did not fall back to Docker Hub through the dead proxy:\n{}",
+        refused.stderr
+    );
     assert!(
         docker.image_ids().is_empty(),
         "a refused pull left an image"
@@ -485,7 +500,7 @@ fn docker_pulls_with_access_control_when_a_rule_allows_its_network() {
         metric_with(
             &metrics,
             "regcache_auth_refused_total",
-            "answer=\"unauthorized\""
+            &["answer=\"unauthorized\""]
         ) > 0.0,
         "the mirror did not refuse docker:\n{metrics}"
     );
@@ -516,7 +531,7 @@ fn docker_pulls_with_access_control_when_a_rule_allows_its_network() {
         "the mirror refused a request of an allowed network:\n{metrics}"
     );
     assert!(
-        metric_with(&metrics, "regcache_cache_misses_total", "kind=\"blob\"") > 0.0,
+        metric_with(&metrics, "regcache_cache_misses_total", &["kind=\"blob\""]) > 0.0,
         "the pull did not go through the mirror:\n{metrics}"
     );
 }
