@@ -3,14 +3,18 @@
 //! The upstream is Debian's `docker-registry` (CNCF Distribution) on loopback with TLS from a
 //! test CA and htpasswd auth; test images are built from random bytes and pushed with `skopeo`.
 //! regcache runs as its built binary with a config file, and images are pulled through it with
-//! `skopeo` (containers/image, as podman and CRI-O pull) and with containerd's `ctr` through a
-//! hosts.toml mirror (as the kubelet pulls), comparing every digest with what was pushed.
+//! `skopeo` (containers/image, as podman and CRI-O pull), with containerd's `ctr` through a
+//! hosts.toml mirror (as the kubelet pulls) and with a private Docker daemon through
+//! `--registry-mirror`, comparing every digest with what was pushed.
 //!
-//! Needs, from Debian: skopeo, docker-registry, containerd, apache2-utils (htpasswd), openssl.
+//! Needs, from Debian: skopeo, docker-registry, containerd, docker.io, apache2-utils
+//! (htpasswd), openssl.
 //! A missing tool fails the test with the package to install. Runs as root (containerd).
 
 #[path = "interop/containerd.rs"]
 mod containerd;
+#[path = "interop/docker.rs"]
+mod docker;
 #[path = "interop/image.rs"]
 mod image;
 #[path = "interop/mirror.rs"]

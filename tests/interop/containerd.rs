@@ -80,6 +80,11 @@ impl Containerd {
         containerd
     }
 
+    /// The daemon's gRPC socket, for clients other than `ctr` (dockerd's `--containerd`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     fn ctr(&self) -> std::process::Command {
         let mut cmd = command(&self.ctr);
         cmd.arg("--address")

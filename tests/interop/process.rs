@@ -197,6 +197,11 @@ impl Daemon {
         String::from_utf8_lossy(&text).into_owned()
     }
 
+    /// The daemon's exit status, if it has exited (it is then reaped).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// Waits until `find` recognises a line of the log, failing early if the daemon exits.
     pub fn wait_for_log<T>(&mut self, what: &str, mut find: impl FnMut(&str) -> Option<T>) -> T {
         let name = self.name.clone();
