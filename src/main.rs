@@ -151,12 +151,22 @@ struct NodeConfigArgs {
     /// CA bundle, as a path on the node, that signed an https mirror's certificate.
     #[arg(long)]
     mirror_ca_file: Option<PathBuf>,
+    /// Also copy this CA bundle (e.g. a mounted Secret's ca.crt) into --out as
+    /// regcache-mirror-ca.crt, so a node gets it without being edited by hand; name that file
+    /// as the node sees it with --mirror-ca-file.
+    #[arg(long, requires_all = ["mirror_ca_file", "out"])]
+    install_mirror_ca: Option<PathBuf>,
     /// Username the runtime sends to the mirror (downstream auth, HTTP Basic).
-    #[arg(long, requires = "password_file")]
+    #[arg(long, requires = "password_file", conflicts_with = "token_file")]
     username: Option<String>,
     /// File holding that user's password (a mounted Secret key).
     #[arg(long, requires = "username")]
     password_file: Option<PathBuf>,
+    /// File holding a pull token (`regcache token create`; a mounted Secret key) the runtime
+    /// sends to the mirror: containerd as a static `Authorization: Bearer` header, k3s as the
+    /// password of the token flow.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Also create the mirror's cache directory (a hostPath seen at this path), owned by
     /// --cache-owner, so a non-root mirror can write to it.
     #[arg(long)]
@@ -177,15 +187,20 @@ fn node_config(args: NodeConfigArgs) -> Result<(), String> {
     use regcache::nodeconfig::{self, MirrorAddr, MirrorCredentials, Options, Runtime};
     let config =
         regcache::config::Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
-    let credentials = match (args.username, args.password_file) {
-        (Some(username), Some(file)) => {
+    let credentials = match (args.username, args.password_file, args.token_file) {
+        (Some(username), Some(file), _) => {
             let password = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read --password-file {}: {e}", file.display()))?;
             let password = password.trim_end_matches(['\r', '\n']);
-            Some(MirrorCredentials {
+            Some(MirrorCredentials::Basic {
                 username,
                 password: regcache::config::Secret::new(password),
             })
+        }
+        (_, _, Some(file)) => {
+            let token = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", file.display()))?;
+            Some(MirrorCredentials::pull_token(&token).map_err(|e| e.to_string())?)
         }
         _ => None,
     };
@@ -199,13 +214,18 @@ fn node_config(args: NodeConfigArgs) -> Result<(), String> {
         RuntimeArg::K3s => Runtime::K3s,
         RuntimeArg::Crio => Runtime::Crio,
     };
-    let files = nodeconfig::render(
+    let mut files = nodeconfig::render(
         runtime,
         &config.upstreams,
         &config.default_upstream,
         &options,
     )
     .map_err(|e| e.to_string())?;
+    if let Some(ca) = &args.install_mirror_ca {
+        let contents = std::fs::read_to_string(ca)
+            .map_err(|e| format!("cannot read --install-mirror-ca {}: {e}", ca.display()))?;
+        files.push(nodeconfig::mirror_ca_file(&contents).map_err(|e| e.to_string())?);
+    }
     if let Some(dir) = &args.cache_dir {
         let (uid, gid) = args
             .cache_owner

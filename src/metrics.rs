@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Bytes and objects in the cache.
     pub cache_size_bytes: IntGauge,
     pub cache_objects: IntGauge,
+    /// `cache.limits.max_size` in bytes (a share resolved against the filesystem); 0: none.
+    pub cache_limit_bytes: IntGauge,
     /// Refused credentials, by reason (`bad_password`, `unknown_token`, ...).
     pub auth_failures: IntCounterVec,
     /// Client addresses locked out after repeated failures.
@@ -197,6 +199,10 @@ impl Metrics {
             },
             cache_size_bytes: gauge("regcache_cache_size_bytes", "Bytes of content in the cache"),
             cache_objects: gauge("regcache_cache_objects", "Blobs and manifests in the cache"),
+            cache_limit_bytes: gauge(
+                "regcache_cache_limit_bytes",
+                "The cache's size limit (cache.limits.max_size) in bytes; 0 when unlimited",
+            ),
             credentials_reloads: plain_counter(
                 "regcache_credentials_reloads_total",
                 "Credential sources loaded with a change, the first load included",

@@ -3,7 +3,10 @@
 //! pull/resolve host; containerd adds `?ns=<registry>` to every request, so one mirror serves
 //! every upstream; the registry itself as the fallback `server`), k3s gets a `registries.yaml`,
 //! and CRI-O/podman get a `registries.conf` drop-in whose mirror locations carry the registry as
-//! a path prefix (`mirror:5000/ghcr.io`), since containers/image sends no `ns`. Rendering is pure;
+//! a path prefix (`mirror:5000/ghcr.io`), since containers/image sends no `ns`. Where the
+//! mirror has access control on, the runtime presents a user or a pull token (containerd: a
+//! static `Authorization` header; k3s: user and password), and an https mirror's CA bundle can
+//! be installed beside the files. Rendering is pure;
 //! `write` puts the files in place atomically, so a runtime reading them mid-update sees either
 //! the old file or the new one.
 
@@ -22,6 +25,8 @@ pub enum Error {
     Mirror { url: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("--token-file: {0}")]
+    Token(String),
     #[error("upstream name {0:?} cannot name a containerd hosts directory")]
     UpstreamName(String),
     #[error("cannot write {path}: {source}")]
@@ -100,20 +105,66 @@ impl MirrorAddr {
     }
 }
 
-/// Credentials the runtime presents to the mirror (downstream auth), sent as HTTP Basic.
+/// The user name sent with a pull token where only user and password can be configured (k3s):
+/// the mirror recognises a pull token as a Basic password whatever the user name.
+pub const PULL_TOKEN_USER: &str = "pull-token";
+
+/// Credentials the runtime presents to the mirror (downstream auth).
 #[derive(Clone, Debug)]
-pub struct MirrorCredentials {
-    pub username: String,
-    pub password: Secret,
+pub enum MirrorCredentials {
+    /// A user of the mirror's `access.htpasswd_file`, sent as HTTP Basic.
+    Basic { username: String, password: Secret },
+    /// A pull token printed by `regcache token create` (`rcp_...`), sent as a static
+    /// `Authorization: Bearer` header, which the mirror accepts on every request: a runtime
+    /// needs no token flow, and the token never expires mid-pull as an issued one would.
+    PullToken(Secret),
 }
 
 impl MirrorCredentials {
-    fn basic_header(&self) -> String {
-        let pair = format!("{}:{}", self.username, self.password.expose());
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(pair)
-        )
+    /// A pull token as read from a file (a mounted Secret key): surrounding whitespace is
+    /// dropped; anything but one `rcp_...` word is refused, since a header carrying it would
+    /// be refused by the mirror on every pull.
+    pub fn pull_token(text: &str) -> Result<MirrorCredentials, Error> {
+        let token = text.trim();
+        let fail = |reason: &str| Error::Token(reason.to_owned());
+        if token.is_empty() {
+            return Err(fail("the file is empty"));
+        }
+        if !token.starts_with(crate::access::tokens::PREFIX) {
+            return Err(fail(
+                "not a pull token: expected the `rcp_...` token `regcache token create` prints \
+                 (not the tokens file line, which holds only its hash)",
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(fail("holds more than one word: expected the token alone"));
+        }
+        Ok(MirrorCredentials::PullToken(Secret::new(token)))
+    }
+
+    /// The `Authorization` header value.
+    fn header(&self) -> String {
+        match self {
+            MirrorCredentials::Basic { username, password } => {
+                let pair = format!("{username}:{}", password.expose());
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                )
+            }
+            MirrorCredentials::PullToken(token) => format!("Bearer {}", token.expose()),
+        }
+    }
+
+    /// User and password for runtimes that take only those (k3s): a pull token goes as the
+    /// password, which the mirror accepts in its token flow.
+    fn user_and_password(&self) -> (&str, &str) {
+        match self {
+            MirrorCredentials::Basic { username, password } => {
+                (username.as_str(), password.expose())
+            }
+            MirrorCredentials::PullToken(token) => (PULL_TOKEN_USER, token.expose()),
+        }
     }
 }
 
@@ -209,7 +260,7 @@ fn containerd_hosts(name: &str, options: &Options) -> Result<File, Error> {
         let _ = write!(
             toml,
             "  [host.{mirror}.header]\n    Authorization = [{}]\n",
-            toml_string(&credentials.basic_header())
+            toml_string(&credentials.header())
         );
     }
     Ok(File {
@@ -239,11 +290,12 @@ fn k3s_registries(upstreams: &[UpstreamConfig], options: &Options) -> File {
             yaml_string(&options.mirror.authority)
         );
         if let Some(credentials) = &options.credentials {
+            let (username, password) = credentials.user_and_password();
             let _ = write!(
                 yaml,
                 "    auth:\n      username: {}\n      password: {}\n",
-                yaml_string(&credentials.username),
-                yaml_string(credentials.password.expose())
+                yaml_string(username),
+                yaml_string(password)
             );
         }
         if let Some(ca) = &options.mirror_ca_file {
@@ -269,7 +321,7 @@ fn crio_registries_conf(
         return Err(Error::Unsupported(
             "CRI-O and podman do not read mirror credentials from registries.conf: put them in \
              the auth file keyed by the mirror's host (CRI-O's global_auth_file, podman's \
-             auth.json) and run node-config without --username"
+             auth.json) and run node-config without --username or --token-file"
                 .to_owned(),
         ));
     }
@@ -315,6 +367,25 @@ fn crio_registries_conf(
     Ok(File {
         path: PathBuf::from("50-regcache.conf"),
         contents: conf,
+    })
+}
+
+/// The name of the mirror's CA bundle when `node-config` installs it in its output directory.
+pub const MIRROR_CA_FILE: &str = "regcache-mirror-ca.crt";
+
+/// The mirror's CA bundle as a file to install beside the runtime's configuration (containerd
+/// ignores files at the top of its `config_path`). Refuses what holds no PEM certificate, which
+/// would make every pull through the mirror fail its TLS handshake.
+pub fn mirror_ca_file(pem: &str) -> Result<File, Error> {
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(Error::Unsupported(
+            "--install-mirror-ca: the file holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                .to_owned(),
+        ));
+    }
+    Ok(File {
+        path: PathBuf::from(MIRROR_CA_FILE),
+        contents: pem.to_owned(),
     })
 }
 
@@ -460,7 +531,7 @@ mod tests {
     fn containerd_sends_downstream_credentials_and_trusts_the_mirror_ca() {
         let mut options = options("https://regcache.example:5443");
         options.mirror_ca_file = Some(PathBuf::from("/etc/regcache/ca.pem"));
-        options.credentials = Some(MirrorCredentials {
+        options.credentials = Some(MirrorCredentials::Basic {
             username: "node".into(),
             password: Secret::new("s3cret"),
         });
@@ -481,6 +552,71 @@ mod tests {
     }
 
     #[test]
+    fn containerd_sends_a_pull_token_as_a_static_bearer_header() {
+        let mut options = options("https://10.0.0.7:5000");
+        options.credentials = Some(MirrorCredentials::pull_token("rcp_Zm9vYmFy\n").unwrap());
+        let files = render(Runtime::Containerd, &upstreams(), "docker.io", &options).unwrap();
+        for file in &files {
+            assert!(
+                file.contents.contains(
+                    "  [host.\"https://10.0.0.7:5000\".header]\n    \
+                     Authorization = [\"Bearer rcp_Zm9vYmFy\"]\n"
+                ),
+                "{}",
+                file.contents
+            );
+        }
+        // The fallback server never gets the header: it belongs to the mirror's host table.
+        let hub = &files[0].contents;
+        let server_part = &hub[..hub.find("[host.").unwrap()];
+        assert!(!server_part.contains("rcp_"), "{hub}");
+    }
+
+    #[test]
+    fn the_mirror_ca_is_installed_only_if_it_holds_a_certificate() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let file = mirror_ca_file(pem).unwrap();
+        assert_eq!(file.path, Path::new(MIRROR_CA_FILE));
+        assert_eq!(file.contents, pem);
+        let err = mirror_ca_file("-----BEGIN PRIVATE KEY-----\n").unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn pull_token_files_hold_one_pull_token() {
+        assert!(matches!(
+            MirrorCredentials::pull_token("  rcp_abc\r\n"),
+            Ok(MirrorCredentials::PullToken(t)) if t.expose() == "rcp_abc"
+        ));
+        for (bad, why) in [
+            ("", "empty"),
+            ("\n", "empty"),
+            ("node:$argon2id$v=19$...", "rcp_"),
+            ("eyJhbGciOi.eyJ.sig", "rcp_"),
+            ("rcp_abc rcp_def", "one word"),
+            ("rcp_abc\nrcp_def", "one word"),
+        ] {
+            let err = MirrorCredentials::pull_token(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--token-file") && err.contains(why),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn k3s_sends_a_pull_token_as_the_password_of_the_token_flow() {
+        let mut options = options("https://10.0.0.7:5000");
+        options.credentials = Some(MirrorCredentials::pull_token("rcp_abc").unwrap());
+        options.mirror_ca_file = Some(PathBuf::from("/etc/regcache/ca.crt"));
+        let files = render(Runtime::K3s, &upstreams(), "docker.io", &options).unwrap();
+        assert!(files[0].contents.contains(
+            "configs:\n  \"10.0.0.7:5000\":\n    auth:\n      username: \"pull-token\"\n      \
+             password: \"rcp_abc\"\n    tls:\n      ca_file: \"/etc/regcache/ca.crt\"\n"
+        ));
+    }
+
+    #[test]
     fn k3s_lists_every_upstream_and_the_mirror_credentials() {
         let mut options = options("http://10.0.0.7:5000");
         let plain = render(Runtime::K3s, &upstreams(), "docker.io", &options).unwrap();
@@ -490,7 +626,7 @@ mod tests {
              \"registry.example.com:5000\":\n    endpoint:\n      - \"http://10.0.0.7:5000\"\n"
         ));
         assert!(!plain[0].contents.contains("configs:"));
-        options.credentials = Some(MirrorCredentials {
+        options.credentials = Some(MirrorCredentials::Basic {
             username: "node".into(),
             password: Secret::new("pa\"ss"),
         });
@@ -551,12 +687,15 @@ mod tests {
     #[test]
     fn crio_refuses_what_registries_conf_cannot_carry() {
         let mut options = options("http://10.0.0.7:5000");
-        options.credentials = Some(MirrorCredentials {
+        options.credentials = Some(MirrorCredentials::Basic {
             username: "node".into(),
             password: Secret::new("x"),
         });
         let err = render(Runtime::Crio, &upstreams(), "docker.io", &options).unwrap_err();
         assert!(err.to_string().contains("auth file"), "{err}");
+        options.credentials = Some(MirrorCredentials::pull_token("rcp_abc").unwrap());
+        let err = render(Runtime::Crio, &upstreams(), "docker.io", &options).unwrap_err();
+        assert!(err.to_string().contains("--token-file"), "{err}");
     }
 
     #[test]

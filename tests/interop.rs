@@ -877,18 +877,27 @@ fn monitoring_dashboard_and_alerts_work_on_regcache_metrics() {
     });
 }
 
-/// The config the Kubernetes manifests ship (deploy/base/regcache.yaml) is one regcache
-/// accepts, and node-config renders every runtime's files from it.
+/// The configs the Kubernetes manifests ship (deploy/base/regcache.yaml and the components'
+/// replacements) are ones regcache accepts, and node-config renders every runtime's files from
+/// the base's.
 #[test]
 fn the_deployed_config_is_valid_and_renders_node_config() {
-    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/base/regcache.yaml");
-    run(
-        command(&mirror::binary())
-            .arg("check-config")
-            .arg("--config")
-            .arg(&config),
-        COMMAND_TIMEOUT,
-    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("deploy/base/regcache.yaml");
+    for shipped in [
+        "deploy/base/regcache.yaml",
+        "deploy/components/downstream-auth-tls/regcache.yaml",
+        "deploy/components/kubernetes-credentials/regcache.yaml",
+        "deploy/components/upstream-credentials/regcache.yaml",
+    ] {
+        run(
+            command(&mirror::binary())
+                .arg("check-config")
+                .arg("--config")
+                .arg(root.join(shipped)),
+            COMMAND_TIMEOUT,
+        );
+    }
     for runtime in ["containerd", "k3s", "crio"] {
         let output = run(
             command(&mirror::binary())
@@ -1048,6 +1057,92 @@ fn skopeo_pulls_over_https_with_credentials_tokens_and_the_token_flow() {
             "{what}: {stderr}"
         );
     }
+}
+
+/// A node wired by `regcache node-config --token-file --install-mirror-ca` to an HTTPS mirror
+/// with access control on: without the token containerd is refused; with it, containerd trusts
+/// the installed CA, sends the pull token as a static Bearer header from hosts.toml and pulls
+/// through the mirror, never from the registry itself.
+#[test]
+fn containerd_wired_by_node_config_with_a_pull_token_pulls_from_an_authenticating_mirror() {
+    let world = World::new();
+    let tls = &world.tls;
+    let upstream = &world.registry.addr;
+    let node = regcache::access::tokens::create("node", None, &["**".into()]).expect("a token");
+    let tokens = world.path("tokens");
+    process::write(&tokens, format!("{}\n", node.line));
+    // The token file as a mounted Secret key holds it (with a trailing newline).
+    let token_file = world.path("pull-token");
+    process::write(&token_file, format!("{}\n", node.token));
+    let extra = format!(
+        "tls:\n  cert_file: {cert}\n  key_file: {key}\n\
+         access:\n  enabled: true\n  tokens_file: {tokens}\n\
+         \x20 rules:\n    - who: [token:node]\n      repositories: [\"{upstream}/team/*\"]\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        tokens = tokens.display(),
+    );
+    let run_name = "node-config-token";
+    let mirror = Mirror::start_with_extra(
+        world.dir.path(),
+        run_name,
+        &world.path("cache"),
+        &world.registry,
+        tls,
+        DefaultUpstream::Decoy,
+        &extra,
+    );
+    let node_config = |out: &std::path::Path, token: bool| {
+        let mut cmd = command(&mirror::binary());
+        cmd.arg("node-config")
+            .arg("--config")
+            .arg(Mirror::config_path(world.dir.path(), run_name))
+            .arg("--mirror")
+            .arg(format!("https://{}", mirror.addr))
+            // The CA as the node gets it: installed by node-config beside the hosts.toml files.
+            .arg("--mirror-ca-file")
+            .arg(out.join("regcache-mirror-ca.crt"))
+            .arg("--install-mirror-ca")
+            .arg(&tls.ca_file)
+            .arg("--runtime=containerd")
+            .arg("--out")
+            .arg(out);
+        if token {
+            cmd.arg("--token-file").arg(&token_file);
+        }
+        run(&mut cmd, COMMAND_TIMEOUT);
+        out.to_owned()
+    };
+    let reference = format!("{upstream}/{NAME}:v1");
+    let containerd = Containerd::start();
+
+    let without_token = node_config(&world.path("certs-no-token.d"), false);
+    let (ok, _) = containerd.try_pull(&without_token, &reference, "linux/amd64");
+    assert!(!ok, "a node without the pull token must not pull");
+
+    let seen_before = world.registry.requests().len();
+    let hosts_dir = node_config(&world.path("certs.d"), true);
+    let hosts = process::read(&hosts_dir.join(upstream).join("hosts.toml"));
+    let hosts = String::from_utf8_lossy(&hosts);
+    assert!(
+        hosts.contains(&format!("Authorization = [\"Bearer {}\"]", node.token)),
+        "{hosts}"
+    );
+    containerd.pull(&hosts_dir, &reference, "linux/amd64");
+    assert_eq!(
+        containerd.image_digest(&reference),
+        world.pushed.v1.manifest.digest,
+        "ctr pulled another {reference}"
+    );
+    assert!(containerd.snapshot_count() > 0, "ctr unpacked nothing");
+    let around_the_mirror = world.registry.requests()[seen_before..]
+        .iter()
+        .filter(|r| r.user_agent.starts_with("containerd"))
+        .count();
+    assert_eq!(
+        around_the_mirror, 0,
+        "containerd went to the registry itself"
+    );
 }
 
 #[test]

@@ -755,11 +755,16 @@ pub async fn run(
                 tokio::task::spawn_blocking(move || {
                     let evicted = store.enforce(&limits);
                     let flushed = store.flush_index();
-                    (evicted, flushed)
+                    // statvfs for a share of the filesystem: off the async threads.
+                    let limit = limits.max_bytes(store.root()).unwrap_or(0);
+                    (evicted, flushed, limit)
                 })
             };
             match pass.await {
-                Ok((evicted, flushed)) => {
+                Ok((evicted, flushed, limit)) => {
+                    metrics
+                        .cache_limit_bytes
+                        .set(i64::try_from(limit).unwrap_or(i64::MAX));
                     match evicted {
                         Ok(evicted) => record(&metrics, &evicted),
                         Err(e) => tracing::warn!(error = %e, "eviction failed"),

@@ -29,6 +29,7 @@ const DOCUMENTED_METRICS: &[&str] = &[
     "regcache_upstream_fetches_in_flight",
     "regcache_cache_size_bytes",
     "regcache_cache_objects",
+    "regcache_cache_limit_bytes",
     "regcache_evictions_total",
     "regcache_evicted_bytes_total",
     "regcache_cache_disk_full_total",

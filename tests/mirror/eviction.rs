@@ -134,6 +134,11 @@ async fn a_small_limit_evicts_lru_content_while_concurrent_readers_get_whole_blo
     .await;
     let m = mirror.metrics().await;
     assert!(metric(&m, "regcache_evicted_bytes_total", &[("reason", "size")]) >= 200.0 * 1024.0);
+    assert_eq!(
+        metric(&m, "regcache_cache_limit_bytes", &[]),
+        1024.0 * 1024.0,
+        "the limit is exported beside the size"
+    );
     assert!(
         stored(dir.path(), pinned),
         "pinned content is never evicted"
