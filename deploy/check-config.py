@@ -84,8 +84,13 @@ def main():
             if tls and not any(a.startswith("--install-mirror-ca=") for a in args):
                 errors.append(f"{name}: TLS is on but node-config installs no CA for the node")
             has_token = any(a.startswith("--token-file=") for a in args)
-            if access.get("enabled") and not has_token:
-                errors.append(f"{name}: access control is on but node-config sends no pull token")
+            # Without a token the node can only pull as `anonymous`, by its address.
+            anonymous_by_network = any(
+                "anonymous" in rule.get("who", []) and rule.get("networks")
+                for rule in access.get("rules", []))
+            if access.get("enabled") and not has_token and not anonymous_by_network:
+                errors.append(f"{name}: access control is on but node-config sends no pull token "
+                              "and no anonymous rule admits the nodes' network")
             mounts = [m["mountPath"] for m in init.get("volumeMounts", [])]
             for a in args:
                 if a.startswith(("--token-file=", "--install-mirror-ca=")):
