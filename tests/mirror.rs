@@ -251,10 +251,10 @@ async fn pull_image(
 /// GET a blob through the mirror and return its bytes, asserting a complete 200.
 async fn get_blob(mirror: &Mirror, name: &str, digest: &str) -> Bytes {
     let response = mirror.get(&format!("/v2/{name}/blobs/{digest}")).await;
-    assert_eq!(
-        response.status(),
-        StatusCode::OK,
-        "GET /v2/{name}/blobs/{digest}"
-    );
+    let status = response.status();
+    if status != StatusCode::OK {
+        let text = String::from_utf8_lossy(&body(response).await).into_owned();
+        panic!("GET /v2/{name}/blobs/{digest} answered {status}: {text}");
+    }
     body(response).await
 }
