@@ -51,7 +51,7 @@ pub struct Config {
     /// How the mirror talks to upstreams.
     pub upstream_client: UpstreamClientConfig,
     /// Upstream credentials from dockerconfigjson files (mounted Kubernetes Secrets).
-    pub credentials: crate::credentials::CredentialsConfig,
+    pub credentials: CredentialsConfig,
     /// Limits of the HTTP server.
     pub server: ServerConfig,
     /// Log output.
@@ -59,7 +59,7 @@ pub struct Config {
     /// Serve every upstream purely from the cache, never contacting it (air-gapped sites).
     pub offline: bool,
     /// HTTPS on the listener (off by default).
-    pub tls: crate::http::tls::TlsConfig,
+    pub tls: TlsConfig,
     /// Client authentication and authorization (off by default).
     pub access: crate::access::AccessConfig,
 }
@@ -205,11 +205,11 @@ impl Default for Config {
                 offline: false,
             }],
             upstream_client: UpstreamClientConfig::default(),
-            credentials: crate::credentials::CredentialsConfig::default(),
+            credentials: CredentialsConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
             offline: false,
-            tls: crate::http::tls::TlsConfig::default(),
+            tls: TlsConfig::default(),
             access: crate::access::AccessConfig::default(),
         }
     }
@@ -442,6 +442,148 @@ fn validate_url(url: &str) -> Result<(), String> {
         return Err(format!("`{url}` must not have a query or fragment"));
     }
     Ok(())
+}
+
+/// The `tls:` section of the config.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (`tls.crt`); TLS is on when this is set.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (`tls.key`): PKCS#8, PKCS#1 or SEC1.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle verifying client certificates; unset: no client certificates asked.
+    pub client_ca_file: Option<PathBuf>,
+    /// With a CA bundle: `optional` (clients may present a certificate) or `required`.
+    pub client_auth: ClientAuth,
+    /// How often the certificate and key files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            client_auth: ClientAuth::Optional,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Checks what serde cannot; `(key, reason)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, r: &str| Err((format!("tls.{k}"), r.to_owned()));
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return err("key_file", "cert_file is set without key_file"),
+            (None, Some(_)) => return err("cert_file", "key_file is set without cert_file"),
+            _ => {}
+        }
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            return err(
+                "client_ca_file",
+                "client certificates need TLS: set cert_file and key_file",
+            );
+        }
+        if self.client_auth == ClientAuth::Required && self.client_ca_file.is_none() {
+            return err("client_auth", "`required` needs client_ca_file");
+        }
+        if self.reload_interval.is_zero() {
+            return err("reload_interval", "must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+/// `credentials:` in the config file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// dockerconfigjson files, or directories holding `.dockerconfigjson` / `.dockercfg`
+    /// (mounted Secrets). Earlier sources win over later ones for an equally specific key.
+    pub files: Vec<PathBuf>,
+    /// Re-read interval, the fallback when file events are missed.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Reading Secrets through the Kubernetes API instead of a mount.
+    pub kubernetes: KubernetesConfig,
+    /// Serve `GET /admin/credentials` (source, user name, kind and load time per upstream;
+    /// values always masked). Off by default.
+    pub admin_endpoint: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Read (and watch) Secrets through the API, with the pod's service account.
+    pub enabled: bool,
+    /// Empty: the pod's own namespace (from the service account).
+    pub namespace: String,
+    /// Secret names, or
+    pub names: Vec<String>,
+    /// a label selector.
+    pub label_selector: String,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            files: Vec::new(),
+            reload_interval: Duration::from_secs(30),
+            kubernetes: KubernetesConfig::default(),
+            admin_endpoint: false,
+        }
+    }
+}
+
+impl CredentialsConfig {
+    /// `(key, reason)` of the first problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (i, file) in self.files.iter().enumerate() {
+            if file.as_os_str().is_empty() {
+                return Err((
+                    format!("credentials.files[{i}]"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
+        if self.reload_interval < Duration::from_secs(1) {
+            return Err((
+                "credentials.reload_interval".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        let k = &self.kubernetes;
+        if k.enabled && k.names.is_empty() && k.label_selector.is_empty() {
+            return Err((
+                "credentials.kubernetes".into(),
+                "set names or label_selector: which Secrets to read".into(),
+            ));
+        }
+        if k.names.iter().any(|n| n.is_empty()) {
+            return Err((
+                "credentials.kubernetes.names".into(),
+                "a name is empty".into(),
+            ));
+        }
+        if !k.names.is_empty() && !k.label_selector.is_empty() {
+            return Err((
+                "credentials.kubernetes".into(),
+                "set names or label_selector, not both".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
 use tokio::time::Instant;
 
 pub use crate::config::Secret;
@@ -38,86 +37,7 @@ pub const GRACE: Duration = Duration::from_secs(120);
 /// Events of one secret swap arrive in a burst; one read after they settle is enough.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// `credentials:` in the config file.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CredentialsConfig {
-    /// dockerconfigjson files, or directories holding `.dockerconfigjson` / `.dockercfg`
-    /// (mounted Secrets). Earlier sources win over later ones for an equally specific key.
-    pub files: Vec<PathBuf>,
-    /// Re-read interval, the fallback when file events are missed.
-    #[serde(with = "humantime_serde")]
-    pub reload_interval: Duration,
-    /// Reading Secrets through the Kubernetes API instead of a mount.
-    pub kubernetes: KubernetesConfig,
-    /// Serve `GET /admin/credentials` (source, user name, kind and load time per upstream;
-    /// values always masked). Off by default.
-    pub admin_endpoint: bool,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct KubernetesConfig {
-    /// Read (and watch) Secrets through the API, with the pod's service account.
-    pub enabled: bool,
-    /// Empty: the pod's own namespace (from the service account).
-    pub namespace: String,
-    /// Secret names, or
-    pub names: Vec<String>,
-    /// a label selector.
-    pub label_selector: String,
-}
-
-impl Default for CredentialsConfig {
-    fn default() -> Self {
-        CredentialsConfig {
-            files: Vec::new(),
-            reload_interval: Duration::from_secs(30),
-            kubernetes: KubernetesConfig::default(),
-            admin_endpoint: false,
-        }
-    }
-}
-
-impl CredentialsConfig {
-    /// `(key, reason)` of the first problem.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        for (i, file) in self.files.iter().enumerate() {
-            if file.as_os_str().is_empty() {
-                return Err((
-                    format!("credentials.files[{i}]"),
-                    "must not be empty".into(),
-                ));
-            }
-        }
-        if self.reload_interval < Duration::from_secs(1) {
-            return Err((
-                "credentials.reload_interval".into(),
-                "must be at least 1s".into(),
-            ));
-        }
-        let k = &self.kubernetes;
-        if k.enabled && k.names.is_empty() && k.label_selector.is_empty() {
-            return Err((
-                "credentials.kubernetes".into(),
-                "set names or label_selector: which Secrets to read".into(),
-            ));
-        }
-        if k.names.iter().any(|n| n.is_empty()) {
-            return Err((
-                "credentials.kubernetes.names".into(),
-                "a name is empty".into(),
-            ));
-        }
-        if !k.names.is_empty() && !k.label_selector.is_empty() {
-            return Err((
-                "credentials.kubernetes".into(),
-                "set names or label_selector, not both".into(),
-            ));
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{CredentialsConfig, KubernetesConfig};
 
 /// A credential as loaded from a source, with what `credentials list` shows about it.
 #[derive(Debug)]

@@ -22,7 +22,6 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -30,66 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use super::server::Limits;
 use super::{App, ConnInfo};
 
-/// The `tls:` section of the config.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// PEM certificate chain (`tls.crt`); TLS is on when this is set.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key (`tls.key`): PKCS#8, PKCS#1 or SEC1.
-    pub key_file: Option<PathBuf>,
-    /// PEM CA bundle verifying client certificates; unset: no client certificates asked.
-    pub client_ca_file: Option<PathBuf>,
-    /// With a CA bundle: `optional` (clients may present a certificate) or `required`.
-    pub client_auth: ClientAuth,
-    /// How often the certificate and key files are checked for changes.
-    #[serde(with = "humantime_serde")]
-    pub reload_interval: Duration,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    Optional,
-    Required,
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            cert_file: None,
-            key_file: None,
-            client_ca_file: None,
-            client_auth: ClientAuth::Optional,
-            reload_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-impl TlsConfig {
-    /// Checks what serde cannot; `(key, reason)`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, r: &str| Err((format!("tls.{k}"), r.to_owned()));
-        match (&self.cert_file, &self.key_file) {
-            (Some(_), None) => return err("key_file", "cert_file is set without key_file"),
-            (None, Some(_)) => return err("cert_file", "key_file is set without cert_file"),
-            _ => {}
-        }
-        if self.client_ca_file.is_some() && self.cert_file.is_none() {
-            return err(
-                "client_ca_file",
-                "client certificates need TLS: set cert_file and key_file",
-            );
-        }
-        if self.client_auth == ClientAuth::Required && self.client_ca_file.is_none() {
-            return err("client_auth", "`required` needs client_ca_file");
-        }
-        if self.reload_interval.is_zero() {
-            return err("reload_interval", "must be greater than zero");
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{ClientAuth, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
