@@ -19,7 +19,7 @@ work=$(mktemp -d "$deploy/.validate.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 if [ -z "${REGCACHE:-}" ]; then
     (cd "$deploy/.." && cargo build --quiet --locked --bin regcache)
-    REGCACHE="$deploy/../target/debug/regcache"
+    REGCACHE="${CARGO_TARGET_DIR:-$deploy/../target}/debug/regcache"
 fi
 # Renders a kustomization of the overlay $1 with the components $2..., then validates it.
 render() {
