@@ -225,6 +225,52 @@ async fn blobs_redirected_to_a_cdn_are_fetched_without_the_registry_credentials(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_challenge_from_the_cdn_a_blob_was_redirected_to_gets_no_credentials() {
+    let image = Image::new(1, 20_000);
+    let layer = image.layers[0].clone();
+    // The CDN answers 401 with a Bearer challenge naming its own token realm.
+    let cdn = FakeUpstream::builder()
+        .blob_cdn()
+        .bearer_auth("someone", "else")
+        .blob("any", layer.bytes.clone())
+        .fault(Fault::on_any().status(401))
+        .start()
+        .await;
+    // The registry itself asks for nothing before redirecting, so the CDN's is the first
+    // challenge the mirror sees.
+    let up = FakeUpstream::builder()
+        .image(REPO, "v1", &image)
+        .fault(Fault::on_blob(&layer.digest).redirect_to(&cdn.url()))
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mirror = mirror_with_credentials(&up, &dir, "s3cret").await;
+
+    let response = mirror
+        .get(&format!("/v2/{REPO}/blobs/{}", layer.digest))
+        .await;
+    assert_ne!(
+        response.status(),
+        StatusCode::OK,
+        "the CDN refused the blob"
+    );
+    let to_cdn = cdn.requests();
+    assert!(!to_cdn.is_empty(), "the blob request reached the CDN");
+    for request in &to_cdn {
+        assert_eq!(
+            request.header("authorization"),
+            None,
+            "the CDN got the registry's credentials on {}",
+            request.path
+        );
+        assert!(
+            !request.path.starts_with("/token"),
+            "the mirror asked the CDN's realm for a token"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_token_is_replaced_and_the_pull_goes_on() {
     let image = Image::new(2, 20_000);
     let up = FakeUpstream::builder()
