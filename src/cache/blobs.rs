@@ -143,7 +143,24 @@ impl Cache {
             .blob_size(repo, digest)
             .await
             .map_err(Error::from_blob_upstream)?;
-        self.store.link(upstream.name(), repo, digest).await?;
-        Ok(())
+        self.link_confirmed(upstream, repo, digest).await
+    }
+
+    /// Records that `repo` references `digest`, once its upstream confirmed it. With the disk
+    /// full the record is skipped (the next request asks the upstream again) and the content is
+    /// served all the same.
+    pub(super) async fn link_confirmed(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        match self.store.link(upstream.name(), repo, digest).await {
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!(%repo, %digest, error = %e, "the cache's disk is full: repository link not recorded");
+                Ok(())
+            }
+            other => Ok(other?),
+        }
     }
 }

@@ -141,7 +141,7 @@ impl Cache {
                     )
                     .await
                     .map_err(Error::from_manifest_upstream)?;
-                self.store.link(upstream.name(), repo, digest).await?;
+                self.link_confirmed(upstream, repo, digest).await?;
             }
             return Ok(Manifest {
                 media_type,

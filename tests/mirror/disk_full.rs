@@ -200,11 +200,19 @@ async fn with_no_room_for_even_an_empty_file_clients_still_get_whole_blobs() {
     assert_eq!(get_blob(&mirror, "team/app", &small_d).await, small);
     let filler = fs.path.join("filler");
     std::fs::create_dir(&filler).expect("a directory for filler files");
-    for n in 0.. {
-        if std::fs::write(filler.join(n.to_string()), b"").is_err() {
-            break;
+    // Storing the small blob woke the mirror's maintenance, which may swap its index files and
+    // so free an inode: fill, let that pass finish, and fill what it freed.
+    let mut n = 0u32;
+    for _ in 0..2 {
+        while std::fs::write(filler.join(n.to_string()), b"").is_ok() {
+            n += 1;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     }
+    assert!(
+        std::fs::write(fs.path.join("probe"), b"").is_err(),
+        "no inode is left"
+    );
 
     let response = mirror.get(&format!("/v2/team/app/blobs/{big_d}")).await;
     assert_eq!(response.status(), StatusCode::OK);
