@@ -468,7 +468,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Seed {
-            mut images,
+            images,
             file,
             platforms,
             pin,
@@ -480,16 +480,7 @@ fn main() -> ExitCode {
             };
             run(
                 async move {
-                    if let Some(file) = file {
-                        images.extend(airgap::read_image_list(&file)?);
-                    }
-                    if images.is_empty() {
-                        return Err(usage("name at least one image, or --file"));
-                    }
-                    let platforms = platforms
-                        .iter()
-                        .map(|p| p.parse())
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let (images, platforms) = images_to_carry(images, file, &platforms)?;
                     let options = airgap::SeedOptions {
                         platforms,
                         pin,
@@ -504,7 +495,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Export {
-            mut images,
+            images,
             file,
             output,
             platforms,
@@ -515,16 +506,7 @@ fn main() -> ExitCode {
             };
             run(
                 async move {
-                    if let Some(file) = file {
-                        images.extend(airgap::read_image_list(&file)?);
-                    }
-                    if images.is_empty() {
-                        return Err(usage("name at least one image, or --file"));
-                    }
-                    let platforms = platforms
-                        .iter()
-                        .map(|p| p.parse())
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let (images, platforms) = images_to_carry(images, file, &platforms)?;
                     let cache = regcache::open_cache(&config).await?;
                     let options = airgap::ExportOptions { platforms };
                     let report =
@@ -578,8 +560,27 @@ fn main() -> ExitCode {
 
 /// Loads the config; a command-line workflow logs errors only, so progress stays readable
 /// (what failed is reported by the command itself).
+/// The images a seed or an export names (arguments and `--file`), and its `--platform`s.
+fn images_to_carry(
+    mut images: Vec<String>,
+    file: Option<PathBuf>,
+    platforms: &[String],
+) -> Result<(Vec<String>, Vec<airgap::Platform>), regcache::Error> {
+    if let Some(file) = file {
+        images.extend(airgap::read_image_list(&file)?);
+    }
+    if images.is_empty() {
+        return Err(usage("name at least one image, or --file"));
+    }
+    let platforms = platforms
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((images, platforms))
+}
+
 fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
-    match Config::load(path) {
+    match load_config(path) {
         Ok(c) => {
             let mut log = c.log.clone();
             if quiet {
@@ -588,10 +589,7 @@ fn load(path: Option<&Path>, quiet: bool) -> Option<Config> {
             regcache::telemetry::init(&log);
             Some(c)
         }
-        Err(e) => {
-            eprintln!("regcache: {e}");
-            None
-        }
+        Err(_) => None,
     }
 }
 
