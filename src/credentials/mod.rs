@@ -213,11 +213,13 @@ impl Credentials {
     /// version; the error is logged with the file and reason, and counted. Returns whether
     /// anything changed.
     pub fn reload(&self) -> bool {
+        // Stamped with its start: a read is only as new as the moment it looked at the files.
+        let started = Instant::now();
         let mut changed = false;
         for source in &self.sources {
             changed |= self.load(&source.label(), source.read().map_err(|e| e.to_string()));
         }
-        self.write_state().last_read = Some(Instant::now());
+        self.write_state().last_read = Some(started);
         changed
     }
 

@@ -39,6 +39,17 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// The file (or the key in the directory) is missing.
+    fn is_not_found(&self) -> bool {
+        match self {
+            SourceError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            SourceError::NoKey { .. } => true,
+            SourceError::TooLarge { .. } | SourceError::Parse { .. } => false,
+        }
+    }
+}
+
 /// What one read of a source found.
 pub struct Read {
     pub entries: Vec<Entry>,
@@ -88,6 +99,16 @@ impl Source {
     }
 
     pub fn read(&self) -> Result<Read, SourceError> {
+        match self.read_once() {
+            // The kubelet deletes the version it has just replaced: a read that followed
+            // `..data` a moment before the swap can find its file gone. The new version is
+            // in place by then, so one more read settles it.
+            Err(e) if e.is_not_found() => self.read_once(),
+            read => read,
+        }
+    }
+
+    fn read_once(&self) -> Result<Read, SourceError> {
         let (path, format) = self.resolve()?;
         let bytes = read_capped(&path)?;
         let entries = dockerconfig::parse(&bytes, format).map_err(|source| SourceError::Parse {

@@ -33,6 +33,9 @@ use crate::credentials::{Credential, Credentials, Resolution};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RegistryHost, RepoName, media_type::Accept};
 
+/// Credentials a request presents at most before it gives up on a refusing upstream.
+const LOGIN_ATTEMPTS: usize = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("upstream configuration: {0}")]
@@ -451,11 +454,13 @@ impl Upstream {
         )
     }
 
-    /// Sends an idempotent request with the credential that applies to `repo`. On a 401 the
-    /// credential files are re-read and a changed credential is tried; then, within the grace
-    /// period after a rotation, the replaced one, and if that is refused as well, the current
-    /// one a last time (the registry may have switched meanwhile). At most four attempts, and
-    /// more than one only when the upstream refuses credentials from a Secret.
+    /// Sends an idempotent request with the credential that applies to `repo`. Each time the
+    /// upstream refuses, the credential files are re-read and the request tried again with,
+    /// in order: a credential it has not presented yet (rotated meanwhile), the one the
+    /// current credential replaced while that is within its grace period, or the current one
+    /// once more when the last attempt presented another (the registry may have switched in
+    /// between). At most `LOGIN_ATTEMPTS` attempts, and more than one only when the upstream
+    /// refuses credentials that come from a Secret.
     async fn send(
         &self,
         method: Method,
@@ -469,46 +474,37 @@ impl Upstream {
                 upstream: self.name.clone(),
             });
         }
-        let (login, previous) = self.login(repo);
-        let first = self
-            .send_as(login.as_ref(), method.clone(), url, repo, headers.clone())
+        let (mut sent, _) = self.login(repo);
+        let mut last = self
+            .send_as(sent.as_ref(), method.clone(), url, repo, headers.clone())
             .await;
-        if !is_refused(&first) || self.static_login.is_some() || !self.credentials.has_sources() {
-            return first;
+        if self.static_login.is_some() || !self.credentials.has_sources() {
+            return last;
         }
         let id = |l: &Option<Login>| l.as_ref().map(|l| l.id);
-        let mut tried = vec![id(&login)];
-        let mut last = first;
-        self.credentials.refresh(Instant::now()).await;
-        let (fresh, fresh_previous) = self.login(repo);
-        if fresh.is_some() && !tried.contains(&id(&fresh)) {
-            tracing::info!(upstream = %self.name, "the upstream refused the credentials; retrying with the ones just re-read");
-            tried.push(id(&fresh));
+        let mut tried = vec![id(&sent)];
+        while is_refused(&last) && tried.len() < LOGIN_ATTEMPTS {
+            self.credentials.refresh(Instant::now()).await;
+            let (current, previous) = self.login(repo);
+            let next = if current.is_some() && !tried.contains(&id(&current)) {
+                tracing::info!(upstream = %self.name, "the upstream refused the credentials; retrying with the ones just re-read");
+                current
+            } else if let Some(old) = previous.filter(|p| !tried.contains(&Some(p.id))) {
+                tracing::info!(upstream = %self.name, "the upstream refused the current credentials; retrying once with the ones they replaced");
+                Some(old)
+            } else if current.is_some() && id(&current) != id(&sent) {
+                // Refused with the old credential: the registry may have switched to the
+                // current one while this request was trying the old.
+                current
+            } else {
+                break;
+            };
+            tried.push(id(&next));
             drop(last);
             last = self
-                .send_as(fresh.as_ref(), method.clone(), url, repo, headers.clone())
+                .send_as(next.as_ref(), method.clone(), url, repo, headers.clone())
                 .await;
-            if !is_refused(&last) {
-                return last;
-            }
-        }
-        if let Some(old) = fresh_previous.or(previous)
-            && !tried.contains(&Some(old.id))
-        {
-            tracing::info!(upstream = %self.name, "the upstream refused the current credentials; retrying once with the ones they replaced");
-            drop(last);
-            last = self
-                .send_as(Some(&old), method.clone(), url, repo, headers.clone())
-                .await;
-            if !is_refused(&last) || fresh.is_none() {
-                return last;
-            }
-            // Refused too: the registry may have switched to the current credential while
-            // this request was trying the old one.
-            drop(last);
-            return self
-                .send_as(fresh.as_ref(), method, url, repo, headers)
-                .await;
+            sent = next;
         }
         last
     }

@@ -331,6 +331,45 @@ async fn a_rotation_during_a_pull_storm_fails_no_pull() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_moment() {
+    let image = Image::new(3, 10_000);
+    let up = FakeUpstream::builder()
+        .bearer_auth("bot", "pw-1")
+        .image(REPO, "v1", &image)
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mut secret = volume(&dir, &up, "pw-1");
+    let mirror = mirror_with_secret(&up, &dir, &secret).await;
+    let tags = format!("/v2/{REPO}/tags/list");
+    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    // The Secret rotates first: the mirror holds pw-2, and pw-1 as the one it replaced.
+    secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
+    wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    let host = up.host();
+    let secret = std::sync::Mutex::new(secret);
+    up.on_token_refusals(vec![
+        // pw-2 is refused, and the registry switches to it while the mirror tries pw-1;
+        Box::new(|| Some("pw-2".to_owned())),
+        // pw-1 is refused, and meanwhile the Secret and the registry both move on to pw-3.
+        Box::new(move || {
+            secret
+                .lock()
+                .expect("the secret volume")
+                .update(&dockerconfigjson(&[(&host, "bot", "pw-3")]));
+            Some("pw-3".to_owned())
+        }),
+    ]);
+
+    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    assert_eq!(
+        token_passwords(&up),
+        ["pw-1", "pw-2", "pw-1", "pw-3"],
+        "each attempt presents the credentials the Secret holds at that moment"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_obtained_with_replaced_credentials_are_dropped() {
     let image = Image::new(2, 10_000);

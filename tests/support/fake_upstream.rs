@@ -80,6 +80,10 @@ const FLUSH_BEFORE_RESET: Duration = Duration::from_millis(20);
 const LISTENER_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Run when the token endpoint refuses a request; returns the password the registry accepts
+/// from then on, if it changes (issued tokens are forgotten then, as on a real rotation).
+pub type OnRefusal = Box<dyn FnOnce() -> Option<String> + Send>;
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// `sha256:<hex>` of `bytes`, the digest under which the fake serves them.
@@ -585,6 +589,7 @@ struct State {
     tokens_issued: u64,
     token_requests: usize,
     faults: Vec<Fault>,
+    on_refusal: std::collections::VecDeque<OnRefusal>,
     down: bool,
     blob_cdn: bool,
     requests: Vec<RecordedRequest>,
@@ -603,6 +608,7 @@ impl State {
             tokens_issued: 0,
             token_requests: 0,
             faults: Vec::new(),
+            on_refusal: std::collections::VecDeque::new(),
             down: false,
             blob_cdn: false,
             requests: Vec::new(),
@@ -993,6 +999,12 @@ impl FakeUpstream {
     }
 
     // --- tokens ---
+
+    /// Runs `actions` one per refused token request, the first on the next refusal, while
+    /// that refusal is answered: a rotation that lands exactly while a client is retrying.
+    pub fn on_token_refusals(&self, actions: Vec<OnRefusal>) {
+        self.shared.state().on_refusal.extend(actions);
+    }
 
     /// Every issued token stops working now, as if it had expired.
     pub fn expire_tokens(&self) {
@@ -1877,6 +1889,12 @@ fn token(state: &mut State, request: &Inbound<'_>) -> Response<Body> {
         Some(None) => false,
     };
     if !allowed {
+        if let Some(action) = state.on_refusal.pop_front()
+            && let Some(pass) = action()
+        {
+            state.auth = Auth::Bearer { user, pass };
+            state.tokens.clear();
+        }
         return error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
