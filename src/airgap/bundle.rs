@@ -665,15 +665,17 @@ fn stage_blob(
         handle.block_on(ingest.append(vec![Bytes::copy_from_slice(&buf[..n])]))?;
         progress.advance(n as u64);
     }
-    ingest.verify(Some(size)).map_err(|e| match e {
-        crate::store::Error::SizeMismatch { expected, actual } => corrupt(format!(
-            "the bundle ends inside it (truncated): {actual} of {expected} bytes"
-        )),
-        crate::store::Error::DigestMismatch { actual, .. } => corrupt(format!(
-            "its content does not match its digest (it hashes to {actual})"
-        )),
-        other => Error::Store(other),
-    })
+    handle
+        .block_on(ingest.verify(Some(size)))
+        .map_err(|e| match e {
+            crate::store::Error::SizeMismatch { expected, actual } => corrupt(format!(
+                "the bundle ends inside it (truncated): {actual} of {expected} bytes"
+            )),
+            crate::store::Error::DigestMismatch { actual, .. } => corrupt(format!(
+                "its content does not match its digest (it hashes to {actual})"
+            )),
+            other => Error::Store(other),
+        })
 }
 
 fn read_small(path: &str, content: &mut dyn Read) -> Result<Bytes, Error> {

@@ -317,7 +317,7 @@ impl Fill {
         }
         let ingest = slot.ok_or(Error::FillAbandoned)?;
         let written = ingest.written();
-        Ok((ingest.verify(size)?, written))
+        Ok((ingest.verify(size).await?, written))
     }
 
     /// Copies one upstream response into the ingest file. One write (and its hashing) runs on a

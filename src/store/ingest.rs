@@ -1,6 +1,7 @@
 //! One download on its way into the store: a temporary file under `ingest/`, hashed as it is
-//! written, committed by rename only after its size and digest match. A second, read-only handle
-//! lets clients read the bytes already written while the download goes on.
+//! written (on a thread of its own, so the bytes are readable as soon as they are written),
+//! committed by rename only after its size and digest match. A second, read-only handle lets
+//! clients read the bytes already written while the download goes on.
 
 use std::fs::File;
 use std::io::Write;
@@ -17,12 +18,14 @@ pub(super) fn temp_path(dir: &Path) -> PathBuf {
     dir.join(format!("{:032x}.part", rand::random::<u128>()))
 }
 
-/// The writing half lives in `Option`s so `append` can move it to a blocking thread and back.
+/// The file lives in an `Option` so `append` can move it to a blocking thread and back.
 pub struct Ingest {
     store: Store,
     digest: Digest,
     path: PathBuf,
-    writer: Option<(File, DigestHasher)>,
+    file: Option<File>,
+    /// Started by the first `append`.
+    hashing: Option<Hashing>,
     reader: Arc<File>,
     written: u64,
     committed: bool,
@@ -37,12 +40,12 @@ impl Ingest {
             .open(&path)
             .map_err(Error::io("create", &path))?;
         let reader = File::open(&path).map_err(Error::io("open", &path))?;
-        let hasher = DigestHasher::new(digest.algorithm());
         Ok(Ingest {
             store,
             digest,
             path,
-            writer: Some((file, hasher)),
+            file: Some(file),
+            hashing: None,
             reader: Arc::new(reader),
             written: 0,
             committed: false,
@@ -59,35 +62,35 @@ impl Ingest {
         self.written
     }
 
-    /// Writes and hashes `chunks`, each on its own blocking thread so hashing (the costliest
-    /// step of a cold pull) runs beside the write instead of after it; on return they are
-    /// readable through `reader()`.
+    /// Writes `chunks` on a blocking thread and hands them to the hashing thread; on return
+    /// they are readable through `reader()`. The digest is checked only by `verify`, so a
+    /// reader must hold back the last byte until then.
     pub async fn append(&mut self, chunks: Vec<Bytes>) -> Result<u64> {
-        let (mut file, mut hasher) = self.writer.take().ok_or_else(|| Error::Io {
+        let mut file = self.file.take().ok_or_else(|| Error::Io {
             op: "write (after an earlier failure)",
             path: self.path.clone(),
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
+        let algorithm = self.digest.algorithm();
+        let feed = self
+            .hashing
+            .get_or_insert_with(|| Hashing::start(algorithm))
+            .feed
+            .clone();
         let path = self.path.clone();
-        let to_hash = chunks.clone();
-        let hashing = tokio::task::spawn_blocking(move || {
-            for chunk in &to_hash {
-                hasher.update(chunk);
-            }
-            hasher
-        });
-        let writing = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (file, n) = tokio::task::spawn_blocking(move || -> Result<_> {
+            // Waits while the hashing thread still has a batch queued: at most two batches
+            // are held for it. A hashing thread that is gone is reported by `verify`.
+            let _ = feed.send(chunks.clone());
             let mut n = 0u64;
             for chunk in &chunks {
                 file.write_all(chunk).map_err(Error::io("write", &path))?;
                 n += chunk.len() as u64;
             }
             Ok((file, n))
-        });
-        let (hashed, written) = tokio::join!(hashing, writing);
-        let hasher = hashed?;
-        let (file, n) = written??;
-        self.writer = Some((file, hasher));
+        })
+        .await??;
+        self.file = Some(file);
         self.written += n;
         Ok(self.written)
     }
@@ -95,13 +98,14 @@ impl Ingest {
     /// Checks size and digest, syncs, and renames into the store. On any mismatch the file is
     /// removed and nothing is stored.
     pub async fn commit(self, expected_size: Option<u64>) -> Result<()> {
-        self.verify(expected_size)?.persist().await
+        self.verify(expected_size).await?.persist().await
     }
 
-    /// Checks size and digest. The bytes are then known good and may be handed out in full;
-    /// they enter the store only with `Verified::persist`.
-    pub fn verify(mut self, expected_size: Option<u64>) -> Result<Verified> {
-        let (file, hasher) = self.writer.take().ok_or_else(|| Error::Io {
+    /// Checks size and digest, once the hashing thread has caught up with the writes. The
+    /// bytes are then known good and may be handed out in full; they enter the store only with
+    /// `Verified::persist`.
+    pub async fn verify(mut self, expected_size: Option<u64>) -> Result<Verified> {
+        let file = self.file.take().ok_or_else(|| Error::Io {
             op: "verify (after an earlier failure)",
             path: self.path.clone(),
             source: std::io::ErrorKind::BrokenPipe.into(),
@@ -114,7 +118,10 @@ impl Ingest {
                 actual: self.written,
             });
         }
-        let actual = hasher.finish();
+        let actual = match self.hashing.take() {
+            Some(hashing) => hashing.finish().await?,
+            None => DigestHasher::new(self.digest.algorithm()).finish(),
+        };
         if actual != self.digest {
             return Err(Error::DigestMismatch {
                 expected: self.digest.clone(),
@@ -122,6 +129,36 @@ impl Ingest {
             });
         }
         Ok(Verified { ingest: self, file })
+    }
+}
+
+/// The digest of what was written, computed on a blocking thread that takes the batches in the
+/// order they were written.
+struct Hashing {
+    /// Room for one batch: a second one waits until the thread has taken the first.
+    feed: std::sync::mpsc::SyncSender<Vec<Bytes>>,
+    hasher: tokio::task::JoinHandle<DigestHasher>,
+}
+
+impl Hashing {
+    fn start(algorithm: crate::oci::Algorithm) -> Hashing {
+        let (feed, batches) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(1);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = DigestHasher::new(algorithm);
+            for batch in batches {
+                for chunk in &batch {
+                    hasher.update(chunk);
+                }
+            }
+            hasher
+        });
+        Hashing { feed, hasher }
+    }
+
+    /// Ends the feed and waits for the last batch to be hashed.
+    async fn finish(self) -> Result<Digest> {
+        drop(self.feed);
+        Ok(self.hasher.await?.finish())
     }
 }
 
