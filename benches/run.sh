@@ -20,7 +20,10 @@
 #     pull of the 512 MiB blob, first byte and total, against a direct download; (4) 16 clients on
 #     the same cold blob, upstream GETs counted from the upstream's access log; (5) skopeo copy of
 #     the 50-layer image, cold and warm, against the upstream (full runs only); (6) idle and peak
-#     RSS of each server.
+#     RSS of each server. Scenario 3 also measures the floor for any mirror that verifies a blob
+#     before its last byte leaves (SHA-256 of the blob in memory). Run as root with tc, scenarios
+#     3 and 4 are repeated with the upstream's traffic held to an internet link's rate
+#     (--wan-rate, 1gbit by default, 'off' to skip; the loopback is left as it was on exit).
 # Each measurement is repeated (3 rounds; 1 with --quick) and the median reported; the ratios
 # regcache/Distribution and regcache/nginx are taken round by round, then their median.
 # It prints a table and writes target/bench/results.json and target/bench/results.txt; server
