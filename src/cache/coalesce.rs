@@ -320,8 +320,9 @@ impl Fill {
         Ok((ingest.verify(size).await?, written))
     }
 
-    /// Copies one upstream response into the ingest file. One write (and its hashing) runs on a
-    /// blocking thread while the next chunks arrive; they are batched into the following write.
+    /// Copies one upstream response into the ingest file. One write runs on a blocking thread
+    /// (its hashing on the download's hashing thread) while the next chunks arrive; they are
+    /// batched into the following write.
     /// A fast upstream thus gets large writes overlapping the network, and a slow one gets each
     /// chunk to readers at once. `slot` holds the ingest whenever no write is running; after an
     /// error it holds it again (for a resume) unless the write itself failed.

@@ -1,5 +1,5 @@
 //! One download on its way into the store: a temporary file under `ingest/`, hashed as it is
-//! written (on a thread of its own, so the bytes are readable as soon as they are written),
+//! written (on a thread of its own, so bytes are readable as soon as they are written),
 //! committed by rename only after its size and digest match. A second, read-only handle lets
 //! clients read the bytes already written while the download goes on.
 
@@ -62,26 +62,27 @@ impl Ingest {
         self.written
     }
 
-    /// Writes `chunks` on a blocking thread and hands them to the hashing thread; on return
-    /// they are readable through `reader()`. The digest is checked only by `verify`, so a
-    /// reader must hold back the last byte until then.
+    /// Hands `chunks` to the download's hashing thread and writes them on a blocking thread;
+    /// on return they are written and readable through `reader()`. The digest is checked only
+    /// by `verify`, so a reader must hold back the last byte until then.
     pub async fn append(&mut self, chunks: Vec<Bytes>) -> Result<u64> {
         let mut file = self.file.take().ok_or_else(|| Error::Io {
             op: "write (after an earlier failure)",
             path: self.path.clone(),
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
-        let algorithm = self.digest.algorithm();
-        let feed = self
-            .hashing
-            .get_or_insert_with(|| Hashing::start(algorithm))
-            .feed
-            .clone();
+        let hashing = match &mut self.hashing {
+            Some(hashing) => hashing,
+            None => self.hashing.insert(
+                Hashing::start(self.digest.algorithm())
+                    .map_err(Error::io("start hashing", &self.path))?,
+            ),
+        };
+        // Waits while the thread still has a batch queued, which bounds what is held for it;
+        // a thread that is gone is reported by `verify`.
+        let _ = hashing.feed.send(chunks.clone()).await;
         let path = self.path.clone();
         let (file, n) = tokio::task::spawn_blocking(move || -> Result<_> {
-            // Waits while the hashing thread still has a batch queued: at most two batches
-            // are held for it. A hashing thread that is gone is reported by `verify`.
-            let _ = feed.send(chunks.clone());
             let mut n = 0u64;
             for chunk in &chunks {
                 file.write_all(chunk).map_err(Error::io("write", &path))?;
@@ -119,7 +120,10 @@ impl Ingest {
             });
         }
         let actual = match self.hashing.take() {
-            Some(hashing) => hashing.finish().await?,
+            Some(hashing) => hashing
+                .finish()
+                .await
+                .map_err(Error::io("hash", &self.path))?,
             None => DigestHasher::new(self.digest.algorithm()).finish(),
         };
         if actual != self.digest {
@@ -132,35 +136,47 @@ impl Ingest {
     }
 }
 
-/// The digest of what was written, computed on a blocking thread that takes the batches in the
-/// order they were written.
+/// The digest of what was written, computed on a thread of the download's own (not the
+/// blocking pool, where a thousand slow downloads could hold every thread) that takes the
+/// batches in the order they were written.
 struct Hashing {
-    /// Room for one batch: a second one waits until the thread has taken the first.
-    feed: std::sync::mpsc::SyncSender<Vec<Bytes>>,
-    hasher: tokio::task::JoinHandle<DigestHasher>,
+    /// Room for one batch: the next waits until the thread has taken it.
+    feed: tokio::sync::mpsc::Sender<Vec<Bytes>>,
+    hasher: tokio::sync::oneshot::Receiver<DigestHasher>,
 }
 
 impl Hashing {
-    fn start(algorithm: crate::oci::Algorithm) -> Hashing {
-        let (feed, batches) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(1);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = DigestHasher::new(algorithm);
-            for batch in batches {
-                for chunk in &batch {
-                    hasher.update(chunk);
+    fn start(algorithm: crate::oci::Algorithm) -> std::io::Result<Hashing> {
+        let (feed, mut batches) = tokio::sync::mpsc::channel::<Vec<Bytes>>(1);
+        let (done, hasher) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("regcache-hash".into())
+            .stack_size(HASH_THREAD_STACK)
+            .spawn(move || {
+                let mut hasher = DigestHasher::new(algorithm);
+                while let Some(batch) = batches.blocking_recv() {
+                    for chunk in &batch {
+                        hasher.update(chunk);
+                    }
                 }
-            }
-            hasher
-        });
-        Hashing { feed, hasher }
+                let _ = done.send(hasher);
+            })?;
+        Ok(Hashing { feed, hasher })
     }
 
     /// Ends the feed and waits for the last batch to be hashed.
-    async fn finish(self) -> Result<Digest> {
+    async fn finish(self) -> std::io::Result<Digest> {
         drop(self.feed);
-        Ok(self.hasher.await?.finish())
+        let hasher = self
+            .hasher
+            .await
+            .map_err(|_| std::io::Error::other("the hashing thread ended early"))?;
+        Ok(hasher.finish())
     }
 }
+
+/// Hashing needs little stack; the default 2 MiB would be reserved per download.
+const HASH_THREAD_STACK: usize = 128 * 1024;
 
 /// A download whose size and digest matched, not yet in the store.
 pub struct Verified {
