@@ -58,6 +58,9 @@ pub enum Error {
 /// How long start-up waits for the first list of Secrets from the Kubernetes API.
 const KUBERNETES_FIRST_LIST: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often memory the allocator holds free is handed back to the system.
+const MEMORY_TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the mirror on an already bound listener until `shutdown` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
@@ -113,6 +116,7 @@ pub async fn serve(
             let _ = maintenance_stopped.await;
         },
     ));
+    let trimming = tokio::spawn(http::server::trim_free_memory(MEMORY_TRIM_PERIOD));
     let cache = cache::Cache::new(&config, store, upstreams, metrics.clone());
     let tls = http::tls::Tls::load(&config.tls)?;
     let access = access::Access::start(&config.access)?;
@@ -165,6 +169,7 @@ pub async fn serve(
     if let Some(watches) = api_watches {
         watches.abort();
     }
+    trimming.abort();
     let _ = stop_maintenance.send(());
     let _ = maintenance.await;
     Ok(())
