@@ -483,7 +483,7 @@ impl Upstream {
         }
         let id = |l: &Option<Login>| l.as_ref().map(|l| l.id);
         let mut tried = vec![id(&sent)];
-        while is_refused(&last) && tried.len() < LOGIN_ATTEMPTS {
+        while is_refused(&last, &self.base) && tried.len() < LOGIN_ATTEMPTS {
             self.credentials.refresh(Instant::now()).await;
             let (current, previous) = self.login(repo);
             let next = if current.is_some() && !tried.contains(&id(&current)) {
@@ -495,6 +495,7 @@ impl Upstream {
             } else if current.is_some() && id(&current) != id(&sent) {
                 // Refused with the old credential: the registry may have switched to the
                 // current one while this request was trying the old.
+                tracing::info!(upstream = %self.name, "the upstream refused the replaced credentials too; retrying once more with the current ones");
                 current
             } else {
                 break;
@@ -754,10 +755,11 @@ impl Upstream {
     }
 }
 
-/// Whether the upstream (or its token endpoint) refused the credentials presented.
-fn is_refused(result: &Result<reqwest::Response, Error>) -> bool {
+/// Whether the upstream (or its token endpoint) refused the credentials presented. A 401 from
+/// a host the registry redirected to (an expired signed CDN URL) is not a refusal of them.
+fn is_refused(result: &Result<reqwest::Response, Error>, base: &str) -> bool {
     match result {
-        Ok(resp) => resp.status() == StatusCode::UNAUTHORIZED,
+        Ok(resp) => resp.status() == StatusCode::UNAUTHORIZED && same_origin(resp.url(), base),
         Err(Error::Token { refused, .. }) => *refused,
         Err(_) => false,
     }

@@ -370,6 +370,39 @@ async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_mom
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_refuses_every_credential_is_asked_a_bounded_number_of_times() {
+    let image = Image::new(4, 10_000);
+    let up = FakeUpstream::builder()
+        .bearer_auth("bot", "pw-1")
+        .image(REPO, "v1", &image)
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mut secret = volume(&dir, &up, "pw-1");
+    let mirror = mirror_with_secret(&up, &dir, &secret).await;
+    let tags = format!("/v2/{REPO}/tags/list");
+    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
+    wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    // The registry accepts neither the Secret's credentials nor the ones they replaced.
+    up.set_credentials("bot", "pw-9");
+    up.expire_tokens();
+
+    let response = mirror.get(&tags).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = response.text().await.unwrap_or_default();
+    assert!(
+        body.contains("UNAVAILABLE") && body.contains("token"),
+        "{body}"
+    );
+    assert_eq!(
+        token_passwords(&up),
+        ["pw-1", "pw-2", "pw-1", "pw-2"],
+        "the current credentials, the replaced ones, the current ones once more, and no more"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_obtained_with_replaced_credentials_are_dropped() {
     let image = Image::new(2, 10_000);
