@@ -21,9 +21,10 @@
 #     the same cold blob, upstream GETs counted from the upstream's access log; (5) skopeo copy of
 #     the 50-layer image, cold and warm, against the upstream (full runs only); (6) idle and peak
 #     RSS of each server. Scenario 3 also measures the floor for any mirror that verifies a blob
-#     before its last byte leaves (SHA-256 of the blob in memory). Run as root with tc, scenarios
-#     3 and 4 are repeated with the upstream's traffic held to an internet link's rate
-#     (--wan-rate, 1gbit by default, 'off' to skip; the loopback is left as it was on exit).
+#     before its last byte leaves (SHA-256 of the blob in memory). Run as root (in a network
+#     namespace of its own, see below) with tc, scenarios 3 and 4 are repeated with the
+#     upstream's traffic held to an internet link's bandwidth (--wan-rate, 1gbit by default,
+#     'off' to skip; bandwidth only, no added latency).
 # Each measurement is repeated (3 rounds; 1 with --quick) and the median reported; the ratios
 # regcache/Distribution and regcache/nginx are taken round by round, then their median.
 # It prints a table and writes target/bench/results.json and target/bench/results.txt; server
@@ -49,7 +50,15 @@ fi
 cargo build --release --quiet
 binary="$(pwd)/target/release/regcache"
 
-python3 benches/bench.py --regcache "$binary" "$@" &
+# As root, the run gets a network namespace of its own: every server, client and the upstream
+# link's shaping (scenarios 3 and 4 at --wan-rate) live on a private loopback that disappears
+# with the run, however it ends. Elsewhere it runs on the machine's loopback, unshaped.
+run=(python3 benches/bench.py --regcache "$binary" "$@")
+if [[ $EUID -eq 0 ]] && command -v ip >/dev/null && unshare --net true 2>/dev/null; then
+    REGCACHE_BENCH_NETNS=1 unshare --net sh -c 'ip link set lo up && exec "$@"' sh "${run[@]}" &
+else
+    "${run[@]}" &
+fi
 bench_pid=$!
 # bench.py stops what it started when it ends or is signalled; its children also die with it.
 trap 'kill "$bench_pid" 2>/dev/null || true; wait "$bench_pid" 2>/dev/null || true' INT TERM HUP
