@@ -17,7 +17,7 @@
 //! tokens never reach the object store. Credentials are never sent to a plain-http token realm
 //! of an https registry.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +35,10 @@ use crate::oci::{Digest, RegistryHost, RepoName, media_type::Accept};
 
 /// Credentials a request presents at most before it gives up on a refusing upstream.
 const LOGIN_ATTEMPTS: usize = 4;
+
+/// How long requests present the replaced credential first after the registry refused the
+/// current one and accepted it; then the current one is tried again.
+const PREFER_REPLACED_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -119,6 +123,9 @@ pub struct Upstream {
     hosts: Vec<String>,
     /// Credential versions whose cached tokens were dropped after a rotation.
     retired: std::sync::Mutex<HashSet<u64>>,
+    /// While a Secret is ahead of its registry: current credential id refused -> the replaced
+    /// one's id that was accepted instead, and until when requests present that one first.
+    ahead: std::sync::Mutex<HashMap<u64, (u64, Instant)>>,
     scheme: Mutex<Scheme>,
     /// Bearer tokens by `"{login id}|{scope}"`.
     tokens: moka::future::Cache<String, Token>,
@@ -198,6 +205,7 @@ impl Upstream {
             credentials,
             hosts,
             retired: std::sync::Mutex::new(HashSet::new()),
+            ahead: std::sync::Mutex::new(HashMap::new()),
             scheme: Mutex::new(Scheme::Unknown),
             tokens: moka::future::Cache::builder()
                 .max_capacity(10_000)
@@ -460,7 +468,8 @@ impl Upstream {
     /// current credential replaced while that is within its grace period, or the current one
     /// once more when the last attempt presented another (the registry may have switched in
     /// between). At most `LOGIN_ATTEMPTS` attempts, and more than one only when the upstream
-    /// refuses credentials that come from a Secret.
+    /// refuses credentials that come from a Secret. Once the replaced credential was accepted
+    /// where the current one was refused, requests present it first for a while.
     async fn send(
         &self,
         method: Method,
@@ -474,7 +483,11 @@ impl Upstream {
                 upstream: self.name.clone(),
             });
         }
-        let (mut sent, _) = self.login(repo);
+        let (current, previous) = self.login(repo);
+        let mut sent = match previous {
+            Some(old) if self.registry_is_behind(current.as_ref(), &old) => Some(old),
+            _ => current,
+        };
         let mut last = self
             .send_as(sent.as_ref(), method.clone(), url, repo, headers.clone())
             .await;
@@ -507,7 +520,44 @@ impl Upstream {
                 .await;
             sent = next;
         }
+        if !is_refused(&last, &self.base) {
+            self.remember_accepted(repo, sent.as_ref(), &tried);
+        }
         last
+    }
+
+    /// Whether `old` was accepted lately where the current credential was refused: the Secret
+    /// is ahead of its registry, and presenting the current one on every request would be
+    /// refused each time (registries count failed logins, and some lock the account).
+    fn registry_is_behind(&self, current: Option<&Login>, old: &Login) -> bool {
+        let Some(current) = current else {
+            return false;
+        };
+        let ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        ahead
+            .get(&current.id)
+            .is_some_and(|&(accepted, until)| accepted == old.id && until > Instant::now())
+    }
+
+    /// After a request succeeded with `accepted`: if that was the replaced credential after
+    /// the current one was refused, present it first for `PREFER_REPLACED_FOR`; if it was the
+    /// current one, the registry has caught up.
+    fn remember_accepted(&self, repo: &RepoName, accepted: Option<&Login>, tried: &[Option<u64>]) {
+        let Some(accepted) = accepted else {
+            return;
+        };
+        let (current, _) = self.login(repo);
+        let Some(current) = current else {
+            return;
+        };
+        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        if accepted.id == current.id {
+            ahead.remove(&current.id);
+        } else if tried.contains(&Some(current.id)) {
+            let now = Instant::now();
+            ahead.retain(|_, &mut (_, until)| until > now);
+            ahead.insert(current.id, (accepted.id, now + PREFER_REPLACED_FOR));
+        }
     }
 
     /// Sends with `login`: answers one authentication challenge, retries connection errors and

@@ -403,6 +403,42 @@ async fn a_registry_that_refuses_every_credential_is_asked_a_bounded_number_of_t
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_secret_is_ahead_of_its_registry_the_new_credential_is_not_refused_on_every_pull() {
+    let image = Image::new(5, 10_000);
+    let up = FakeUpstream::builder()
+        .bearer_auth("bot", "pw-1")
+        .image(REPO, "v1", &image)
+        .start()
+        .await;
+    let dir = cache_dir();
+    let mut secret = volume(&dir, &up, "pw-1");
+    let mirror = mirror_with_secret(&up, &dir, &secret).await;
+    let tags = format!("/v2/{REPO}/tags/list");
+    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    // The Secret gets a password the registry does not accept yet.
+    secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
+    wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    for _ in 0..5 {
+        assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        token_passwords(&up),
+        ["pw-1", "pw-2", "pw-1"],
+        "refused once, then the accepted credentials first (a registry counts failed logins)"
+    );
+    // The registry catches up: the old credentials are refused once, the new ones used from then on.
+    up.set_credentials("bot", "pw-2");
+    up.expire_tokens();
+    for _ in 0..3 {
+        assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        token_passwords(&up),
+        ["pw-1", "pw-2", "pw-1", "pw-1", "pw-2"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_obtained_with_replaced_credentials_are_dropped() {
     let image = Image::new(2, 10_000);
