@@ -351,12 +351,13 @@ impl Credentials {
             .iter()
             .map(|s| s.watch_dir().to_owned())
             .collect();
+        // The watch is in place before this returns, so no change after it goes unnoticed; the
+        // task's first read covers one made between the caller's first read and now.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = start_watcher(&dirs, tx);
         tokio::spawn(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-            let watcher = start_watcher(&dirs, tx);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}

@@ -324,6 +324,34 @@ async fn the_watch_follows_a_kubelet_swap() {
 }
 
 #[tokio::test]
+async fn a_swap_the_moment_the_watch_starts_is_not_missed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = ".dockerconfigjson";
+    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v1")]), 1);
+    let config = CredentialsConfig {
+        files: vec![dir.path().to_owned()],
+        reload_interval: Duration::from_secs(3600),
+        ..CredentialsConfig::default()
+    };
+    let creds = Arc::new(Credentials::new(&config, Arc::new(Metrics::new())));
+    creds.reload();
+    let task = creds.watch();
+    // Before the watch's task has run at all.
+    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v2")]), 2);
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if password(&creds.resolve(&["ghcr.io"], "a")).as_deref() == Some("v2") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    task.abort();
+    assert!(seen.is_ok(), "the swap was noticed without waiting an hour");
+}
+
+#[tokio::test]
 async fn a_refresh_rereads_unless_a_read_followed_the_refusal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("config.json");
