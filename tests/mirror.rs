@@ -174,7 +174,7 @@ async fn fetch(client: &reqwest::Client, base: &str, path: &str) -> Fetched {
         .header("accept", ACCEPT_MANIFESTS)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("GET {base}{path}: {e}"));
+        .unwrap_or_else(|e| panic!("GET {base}{path}: {e:?}"));
     Fetched {
         path: path.to_owned(),
         status: response.status().as_u16(),
