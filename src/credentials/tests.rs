@@ -292,42 +292,16 @@ fn debug_output_of_the_set_masks_values() {
     );
 }
 
-#[tokio::test]
-async fn the_watch_follows_a_kubelet_swap() {
+/// A Secret directory holding v1 for ghcr.io, and its set read once; the periodic re-read is an
+/// hour away, so only the file watch (or the watch's own first read) explains a prompt change.
+fn watched_secret() -> (tempfile::TempDir, Arc<Credentials>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = ".dockerconfigjson";
-    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v1")]), 1);
-    let metrics = Arc::new(Metrics::new());
-    let config = CredentialsConfig {
-        files: vec![dir.path().to_owned()],
-        // Long enough that only the file event can explain a prompt reload.
-        reload_interval: Duration::from_secs(3600),
-        ..CredentialsConfig::default()
-    };
-    let creds = Arc::new(Credentials::new(&config, metrics));
-    creds.reload();
-    let task = creds.watch();
-    // Let the watcher start before the swap.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v2")]), 2);
-    let seen = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if password(&creds.resolve(&["ghcr.io"], "a")).as_deref() == Some("v2") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    task.abort();
-    assert!(seen.is_ok(), "the swap was noticed through the file watch");
-}
-
-#[tokio::test]
-async fn a_swap_the_moment_the_watch_starts_is_not_missed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = ".dockerconfigjson";
-    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v1")]), 1);
+    kubelet_write(
+        dir.path(),
+        SECRET_KEY,
+        &config_json(&[("ghcr.io", "u", "v1")]),
+        1,
+    );
     let config = CredentialsConfig {
         files: vec![dir.path().to_owned()],
         reload_interval: Duration::from_secs(3600),
@@ -335,20 +309,53 @@ async fn a_swap_the_moment_the_watch_starts_is_not_missed() {
     };
     let creds = Arc::new(Credentials::new(&config, Arc::new(Metrics::new())));
     creds.reload();
-    let task = creds.watch();
-    // Before the watch's task has run at all.
-    kubelet_write(dir.path(), key, &config_json(&[("ghcr.io", "u", "v2")]), 2);
-    let seen = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if password(&creds.resolve(&["ghcr.io"], "a")).as_deref() == Some("v2") {
-                break;
-            }
+    (dir, creds)
+}
+
+const SECRET_KEY: &str = ".dockerconfigjson";
+
+/// Whether `creds` come to hold `expected` for ghcr.io within 10 s.
+async fn comes_to_hold(creds: &Credentials, expected: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while password(&creds.resolve(&["ghcr.io"], "a")).as_deref() != Some(expected) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
-    .await;
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn the_watch_follows_a_kubelet_swap() {
+    let (dir, creds) = watched_secret();
+    let task = creds.watch();
+    // Let the watch's first read pass before the swap.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kubelet_write(
+        dir.path(),
+        SECRET_KEY,
+        &config_json(&[("ghcr.io", "u", "v2")]),
+        2,
+    );
+    let seen = comes_to_hold(&creds, "v2").await;
     task.abort();
-    assert!(seen.is_ok(), "the swap was noticed without waiting an hour");
+    assert!(seen, "the swap was noticed through the file watch");
+}
+
+#[tokio::test]
+async fn a_swap_the_moment_the_watch_starts_is_not_missed() {
+    let (dir, creds) = watched_secret();
+    let task = creds.watch();
+    // Before the watch's task has run at all.
+    kubelet_write(
+        dir.path(),
+        SECRET_KEY,
+        &config_json(&[("ghcr.io", "u", "v2")]),
+        2,
+    );
+    let seen = comes_to_hold(&creds, "v2").await;
+    task.abort();
+    assert!(seen, "the swap was noticed without waiting an hour");
 }
 
 #[tokio::test]

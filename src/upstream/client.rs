@@ -484,6 +484,7 @@ impl Upstream {
             });
         }
         let (current, previous) = self.login(repo);
+        let mut current_id = current.as_ref().map(|l| l.id);
         let mut sent = match previous {
             Some(old) if self.registry_is_behind(current.as_ref(), &old) => Some(old),
             _ => current,
@@ -499,6 +500,7 @@ impl Upstream {
         while is_refused(&last, &self.base) && tried.len() < LOGIN_ATTEMPTS {
             self.credentials.refresh(Instant::now()).await;
             let (current, previous) = self.login(repo);
+            current_id = id(&current);
             let next = if current.is_some() && !tried.contains(&id(&current)) {
                 tracing::info!(upstream = %self.name, "the upstream refused the credentials; retrying with the ones just re-read");
                 current
@@ -520,8 +522,9 @@ impl Upstream {
                 .await;
             sent = next;
         }
-        if !is_refused(&last, &self.base) {
-            self.remember_accepted(repo, sent.as_ref(), &tried);
+        // Only an answer tells which credential the registry takes; a failed connection does not.
+        if last.is_ok() && !is_refused(&last, &self.base) {
+            self.remember_accepted(id(&sent), current_id, &tried);
         }
         last
     }
@@ -542,21 +545,22 @@ impl Upstream {
     /// After a request succeeded with `accepted`: if that was the replaced credential after
     /// the current one was refused, present it first for `PREFER_REPLACED_FOR`; if it was the
     /// current one, the registry has caught up.
-    fn remember_accepted(&self, repo: &RepoName, accepted: Option<&Login>, tried: &[Option<u64>]) {
-        let Some(accepted) = accepted else {
-            return;
-        };
-        let (current, _) = self.login(repo);
-        let Some(current) = current else {
+    fn remember_accepted(
+        &self,
+        accepted: Option<u64>,
+        current: Option<u64>,
+        tried: &[Option<u64>],
+    ) {
+        let (Some(accepted), Some(current)) = (accepted, current) else {
             return;
         };
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-        if accepted.id == current.id {
-            ahead.remove(&current.id);
-        } else if tried.contains(&Some(current.id)) {
+        if accepted == current {
+            ahead.remove(&current);
+        } else if tried.contains(&Some(current)) {
             let now = Instant::now();
             ahead.retain(|_, &mut (_, until)| until > now);
-            ahead.insert(current.id, (accepted.id, now + PREFER_REPLACED_FOR));
+            ahead.insert(current, (accepted, now + PREFER_REPLACED_FOR));
         }
     }
 

@@ -331,9 +331,20 @@ async fn a_rotation_during_a_pull_storm_fails_no_pull() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_moment() {
-    let image = Image::new(3, 10_000);
+/// A mirror that pulled with pw-1 from a registry that takes pw-1, after the Secret moved on to
+/// pw-2: the mirror holds pw-2, and pw-1 as the one it replaced.
+struct Rotated {
+    up: FakeUpstream,
+    secret: SecretVolume,
+    mirror: Mirror,
+    /// The tag list of `REPO`: passed through to the upstream on every request.
+    tags: String,
+    /// Holds the cache and the Secret volume; removed when dropped.
+    _dir: tempfile::TempDir,
+}
+
+async fn secret_ahead_of_registry(layers: usize) -> Rotated {
+    let image = Image::new(layers, 10_000);
     let up = FakeUpstream::builder()
         .bearer_auth("bot", "pw-1")
         .image(REPO, "v1", &image)
@@ -344,9 +355,26 @@ async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_mom
     let mirror = mirror_with_secret(&up, &dir, &secret).await;
     let tags = format!("/v2/{REPO}/tags/list");
     assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
-    // The Secret rotates first: the mirror holds pw-2, and pw-1 as the one it replaced.
     secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
     wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    Rotated {
+        up,
+        secret,
+        mirror,
+        tags,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_moment() {
+    let Rotated {
+        up,
+        secret,
+        mirror,
+        tags,
+        _dir,
+    } = secret_ahead_of_registry(3).await;
     let host = up.host();
     let secret = std::sync::Mutex::new(secret);
     up.on_token_refusals(vec![
@@ -372,19 +400,13 @@ async fn a_pull_that_outlasts_two_rotations_ends_with_the_credentials_of_the_mom
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_refuses_every_credential_is_asked_a_bounded_number_of_times() {
-    let image = Image::new(4, 10_000);
-    let up = FakeUpstream::builder()
-        .bearer_auth("bot", "pw-1")
-        .image(REPO, "v1", &image)
-        .start()
-        .await;
-    let dir = cache_dir();
-    let mut secret = volume(&dir, &up, "pw-1");
-    let mirror = mirror_with_secret(&up, &dir, &secret).await;
-    let tags = format!("/v2/{REPO}/tags/list");
-    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
-    secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
-    wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    let Rotated {
+        up,
+        mirror,
+        tags,
+        _dir,
+        ..
+    } = secret_ahead_of_registry(4).await;
     // The registry accepts neither the Secret's credentials nor the ones they replaced.
     up.set_credentials("bot", "pw-9");
     up.expire_tokens();
@@ -405,20 +427,13 @@ async fn a_registry_that_refuses_every_credential_is_asked_a_bounded_number_of_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_a_secret_is_ahead_of_its_registry_the_new_credential_is_not_refused_on_every_pull() {
-    let image = Image::new(5, 10_000);
-    let up = FakeUpstream::builder()
-        .bearer_auth("bot", "pw-1")
-        .image(REPO, "v1", &image)
-        .start()
-        .await;
-    let dir = cache_dir();
-    let mut secret = volume(&dir, &up, "pw-1");
-    let mirror = mirror_with_secret(&up, &dir, &secret).await;
-    let tags = format!("/v2/{REPO}/tags/list");
-    assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
-    // The Secret gets a password the registry does not accept yet.
-    secret.update(&dockerconfigjson(&[(&up.host(), "bot", "pw-2")]));
-    wait_for_metric(&mirror, "regcache_credentials_reloads_total", 2.0).await;
+    let Rotated {
+        up,
+        mirror,
+        tags,
+        _dir,
+        ..
+    } = secret_ahead_of_registry(5).await;
     for _ in 0..5 {
         assert_eq!(mirror.get(&tags).await.status(), StatusCode::OK);
     }
